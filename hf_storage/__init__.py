@@ -1,0 +1,49 @@
+"""Hugging Face safetensors checkpoints for ``torch.distributed.checkpoint``, written in one pass.
+
+Every rank writes its own bytes straight into the final ``model-0000i-of-0000N.safetensors`` files; rank 0
+writes ``model.safetensors.index.json`` last, after every rank finished, and publishes the directory
+atomically. The reader loads any HF checkpoint into any sharded layout, reading only the bytes each rank
+needs.
+
+    import hf_storage
+    hf_storage.save(model.state_dict(), "/ckpt/step-1000", max_shard_size="5GB")   # on every rank
+    hf_storage.load(model.state_dict(), "/ckpt/step-1000")
+
+or, with DCP::
+
+    dcp.save(state_dict, storage_writer=hf_storage.HuggingFaceStorageWriter("/ckpt/step-1000"))
+    dcp.load(state_dict, storage_reader=hf_storage.HuggingFaceStorageReader("/ckpt/step-1000"))
+"""
+
+from .api import LoadSummary, SaveSummary, load, save
+from .errors import (
+    CheckpointExistsError,
+    CheckpointFormatError,
+    HFStorageError,
+    LayoutError,
+    StateDictMismatchError,
+    UnsupportedEntryError,
+)
+from .layout import Layout, TensorSpec, parse_size, plan
+from .reader import HuggingFaceStorageReader, open_checkpoint
+from .writer import HuggingFaceStorageWriter
+
+__all__ = [
+    "save",
+    "load",
+    "SaveSummary",
+    "LoadSummary",
+    "HuggingFaceStorageWriter",
+    "HuggingFaceStorageReader",
+    "open_checkpoint",
+    "plan",
+    "parse_size",
+    "Layout",
+    "TensorSpec",
+    "HFStorageError",
+    "CheckpointFormatError",
+    "CheckpointExistsError",
+    "StateDictMismatchError",
+    "UnsupportedEntryError",
+    "LayoutError",
+]

@@ -1,0 +1,276 @@
+"""The two verbs: :func:`save` and :func:`load`, without DCP boilerplate and without gathering plans.
+
+The file layout is a pure function of global shapes, dtypes and the policy, and every rank knows those
+(DTensor metadata), so every rank plans the same layout locally. The only collectives are: rank 0 tells
+the others that the staging files exist (one broadcast), the ranks check they planned the same layout
+and report their writes to rank 0 (one gather), and rank 0 reports the commit (one broadcast).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import _io, commit as _commit
+from .errors import HFStorageError, UnsupportedEntryError, format_keys
+from .layout import Layout, TensorSpec, plan
+from .reader import Checkpoint, check_targets, open_checkpoint, read_requests
+from .writer import Chunk, ChunkResult, commit, create_files, write_chunks
+
+try:
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import Partial, Replicate
+except ImportError:  # pragma: no cover - torch without DTensor
+    DTensor = Partial = Replicate = None  # type: ignore[assignment,misc]
+
+DEFAULT_THREADS = 4
+
+
+@dataclass(frozen=True)
+class SaveSummary:
+    path: str
+    files: int
+    tensors: int
+    total_bytes: int  # bytes of tensor data in the checkpoint
+    local_bytes: int  # bytes this rank wrote
+    seconds: float
+
+
+@dataclass(frozen=True)
+class LoadSummary:
+    path: str
+    tensors: int
+    local_bytes: int  # bytes this rank read
+    seconds: float
+
+
+def flatten(state_dict: Mapping, prefix: str = "") -> dict[str, object]:
+    """Nested mappings become dotted keys, as DCP does."""
+    out: dict[str, object] = {}
+    for k, v in state_dict.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _tensors(state_dict: Mapping) -> dict[str, torch.Tensor]:
+    flat = flatten(state_dict)
+    bad = sorted(k for k, v in flat.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise UnsupportedEntryError(
+            f"the safetensors format stores tensors only; these state dict entries are not tensors: "
+            f"{format_keys(bad)}. Remove them (or save them separately, e.g. as JSON); nothing was written.")
+    return flat  # type: ignore[return-value]
+
+
+def _is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local_box(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """``(local data, global offsets, local sizes)`` of a DTensor's shard, or the whole plain tensor."""
+    if _is_dtensor(t):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        sizes, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        return t.to_local(), tuple(offsets), tuple(sizes)
+    return t, (0,) * t.dim(), tuple(t.shape)
+
+
+def _writes_here(t: torch.Tensor, rank: int) -> bool:
+    """Replicated data is written once: by the mesh coordinate 0 of each replicated dimension."""
+    if not _is_dtensor(t):
+        return rank == 0
+    if any(isinstance(p, Partial) for p in t.placements):
+        raise UnsupportedEntryError("a DTensor with Partial placement holds unreduced values; "
+                                    "redistribute it to Shard/Replicate before saving")
+    coord = t.device_mesh.get_coordinate()
+    if coord is None:  # this rank is not in the tensor's mesh
+        return False
+    return all(c == 0 for c, p in zip(coord, t.placements) if isinstance(p, Replicate))
+
+
+def _local_chunks(tensors: dict[str, torch.Tensor], rank: int) -> Iterator[Chunk]:
+    for name, t in tensors.items():
+        if _writes_here(t, rank):
+            data, offsets, sizes = local_box(t)
+            yield Chunk(name, data, tuple(t.shape), offsets, sizes)
+
+
+def _fingerprint(layout: Layout) -> str:
+    h = hashlib.sha256()
+    for f in layout.files:
+        h.update(f.name.encode())
+        h.update(f.header)
+    return h.hexdigest()
+
+
+class _Collective:
+    """The few collectives a save needs, as no-ops when not distributed."""
+
+    def __init__(self, group):
+        self.on = dist.is_available() and dist.is_initialized()
+        self.group = group
+        self.rank = dist.get_rank(group) if self.on else 0
+        self.size = dist.get_world_size(group) if self.on else 1
+
+    def broadcast(self, obj):
+        if not self.on:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
+        return box[0]
+
+    def gather(self, obj) -> list | None:
+        if not self.on:
+            return [obj]
+        out = [None] * self.size if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
+        return out
+
+
+def _raise_remote(status, rank: int, what: str) -> None:
+    if isinstance(status, tuple) and status and status[0] == "error":
+        raise HFStorageError(f"{what} failed on rank {status[1]}: {status[2]} (this is rank {rank})")
+
+
+def save(
+    state_dict: Mapping,
+    path: str | os.PathLike,
+    *,
+    max_shard_size: int | str | None = None,
+    fqn_to_index_mapping: Mapping[str, int] | None = None,
+    thread_count: int = DEFAULT_THREADS,
+    durable: bool = False,
+    overwrite: bool = True,
+    extra_files: Mapping[str, bytes | str] | None = None,
+    process_group=None,
+    budget: int = _io.DEFAULT_BUDGET,
+    progress: Callable[[int], None] | None = None,
+) -> SaveSummary:
+    """Save a (sharded) state dict as a Hugging Face checkpoint at ``path``. Call on every rank.
+
+    Plain tensors are written by rank 0; each DTensor shard by the rank that holds it (replicas once).
+    Returns a :class:`SaveSummary`; raises on every rank if any rank failed, and then publishes nothing.
+    """
+    start = time.perf_counter()
+    coll = _Collective(process_group)
+    tensors = _tensors(state_dict)
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    layout = plan(specs, max_shard_size=max_shard_size, fqn_to_index_mapping=fqn_to_index_mapping)
+
+    staging, status = None, "ok"
+    if coll.rank == 0:
+        try:
+            staging = _commit.begin(path, overwrite)
+            create_files(staging, layout)
+        except Exception as e:
+            status = ("error", 0, f"{type(e).__name__}: {e}")
+            if staging is not None:
+                _commit.abort(staging)
+            if not coll.on:
+                raise
+            coll.broadcast(status)
+            raise
+    status = coll.broadcast(status if coll.rank == 0 else None)
+    _raise_remote(status, coll.rank, "preparing the output")
+    staging = _commit.staging_path(path)
+
+    report: object
+    try:
+        results = write_chunks(staging, {n: (p.file, p.offset) for n, p in layout.tensors.items()},
+                               _local_chunks(tensors, coll.rank), thread_count=thread_count, budget=budget,
+                               durable=durable, progress=progress)
+        report = (_fingerprint(layout), results)
+    except Exception as e:
+        results, report = [], ("error", coll.rank, f"{type(e).__name__}: {e}")
+        local_error: Exception | None = e
+    else:
+        local_error = None
+    reports = coll.gather(report)
+
+    outcome: object = "ok"
+    if coll.rank == 0:
+        try:
+            outcome = _commit_reports(reports, staging, path, layout, durable, extra_files)
+        except Exception as e:
+            _commit.abort(staging)
+            outcome = ("error", 0, f"{type(e).__name__}: {e}")
+            if not coll.on:
+                raise
+            coll.broadcast(outcome)
+            raise
+    outcome = coll.broadcast(outcome)
+    if local_error is not None:
+        raise local_error
+    _raise_remote(outcome, coll.rank, "the save")
+    return SaveSummary(os.fspath(path), len(layout.files), len(layout.tensors), layout.total_size,
+                       sum(r.nbytes for r in results), time.perf_counter() - start)
+
+
+def _commit_reports(reports, staging: Path, path, layout: Layout, durable: bool, extra_files) -> str:
+    errors = [r for r in reports if isinstance(r, tuple) and r and r[0] == "error"]
+    if errors:
+        raise HFStorageError("; ".join(f"rank {r[1]}: {r[2]}" for r in errors) + "; nothing was published")
+    mine = _fingerprint(layout)
+    differ = [i for i, (fp, _) in enumerate(reports) if fp != mine]
+    if differ:
+        raise HFStorageError(
+            f"ranks {differ[:20]} planned a different file layout than rank 0: their state dicts disagree on "
+            "tensor names, shapes or dtypes (plain tensors must be identical on every rank); nothing was published")
+    results: list[ChunkResult] = [r for _, rs in reports for r in rs]
+    commit(staging, path, layout, results, durable=durable, extra_files=extra_files)
+    return "ok"
+
+
+def _requests(ckpt: Checkpoint, tensors: dict[str, torch.Tensor]):
+    for name, t in tensors.items():
+        info = ckpt.tensors.get(name)
+        if info is None:
+            continue
+        local, offsets, sizes = local_box(t)
+        for c in info.chunks:
+            lo = [max(o, co) for o, co in zip(offsets, c.offsets)]
+            hi = [min(o + s, co + cs) for o, s, co, cs in zip(offsets, sizes, c.offsets, c.shape)]
+            if any(h <= l for l, h in zip(lo, hi)) and lo:
+                continue
+            if not lo and math.prod(sizes) == 0:
+                continue
+            view = local
+            for d, (l, h) in enumerate(zip(lo, hi)):
+                view = view.narrow(d, l - offsets[d], h - l)
+            yield c, view, tuple(l - co for l, co in zip(lo, c.offsets)), tuple(h - l for l, h in zip(lo, hi))
+
+
+def load(
+    state_dict: Mapping,
+    path: str | os.PathLike,
+    *,
+    strict: bool = True,
+    allow_cast: bool = False,
+    thread_count: int = DEFAULT_THREADS,
+    budget: int = _io.DEFAULT_BUDGET,
+) -> LoadSummary:
+    """Fill the tensors of ``state_dict`` (plain or DTensor, any layout) in place from ``path``.
+
+    Each rank reads the index and headers, then only the byte runs of its own shards. No collectives.
+    Raises :class:`StateDictMismatchError` naming every missing key and every shape or dtype mismatch.
+    """
+    start = time.perf_counter()
+    tensors = _tensors(state_dict)
+    ckpt = open_checkpoint(path)
+    check_targets(ckpt, {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}, strict=strict,
+                  allow_cast=allow_cast)
+    n = read_requests(ckpt.directory, _requests(ckpt, tensors), thread_count=thread_count, budget=budget)
+    return LoadSummary(os.fspath(path), sum(1 for k in tensors if k in ckpt.tensors), n, time.perf_counter() - start)

@@ -1,0 +1,159 @@
+"""Build and parse safetensors headers.
+
+A safetensors file is ``u64 little-endian header length N`` + ``N bytes of JSON`` + data. The JSON maps
+each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the end of
+the header) plus an optional ``"__metadata__"`` object of string values. We always pad the JSON with spaces
+so that the data starts on an 8-byte boundary, and always write ``{"format": "pt"}``.
+
+Parsing treats the file as untrusted: the header size is bounded, every field is type-checked, offsets
+must tile the data section exactly (no holes, no overlaps, nothing past the end of the file).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+from . import dtypes
+from .errors import CheckpointFormatError
+
+MAX_HEADER_BYTES = 100 * 1000 * 1000
+_ALIGN = 8
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: dtype name, shape and absolute byte range in the file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute file offset of the first byte
+    end: int  # absolute file offset one past the last byte
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class Header:
+    entries: dict[str, TensorEntry]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+
+def encode(entries: list[tuple[str, str, tuple[int, ...], int, int]], metadata: dict[str, str] | None = None) -> bytes:
+    """The header bytes (length prefix included) for ``entries`` of ``(name, dtype, shape, begin, end)``.
+
+    ``begin``/``end`` are relative to the start of the data section, as in the format.
+    """
+    meta = {"format": "pt"}
+    meta.update(metadata or {})
+    obj: dict[str, object] = {"__metadata__": meta}
+    for name, dtype, shape, begin, end in entries:
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % _ALIGN)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def read(fd: int, file_size: int, where: str = "") -> Header:
+    """Read and validate the header of the open file ``fd`` of ``file_size`` bytes."""
+    label = where or f"fd {fd}"
+    if file_size < 8:
+        raise CheckpointFormatError(f"{label}: {file_size} bytes is too short for a safetensors file (truncated?)")
+    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointFormatError(f"{label}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + n > file_size:
+        raise CheckpointFormatError(f"{label}: header length {n} runs past the end of the {file_size}-byte file (truncated?)")
+    raw = os.pread(fd, n, 8)
+    if len(raw) != n:
+        raise CheckpointFormatError(f"{label}: short read of the header (file changed while reading?)")
+    return decode(raw, file_size, label)
+
+
+def decode(raw: bytes, file_size: int, label: str = "header") -> Header:
+    """Validate header JSON ``raw`` (without the length prefix) of a file of ``file_size`` bytes."""
+    data_start = 8 + len(raw)
+    try:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointFormatError(f"{label}: header is not valid UTF-8 JSON ({e})") from None
+    except _DuplicateKey as e:
+        raise CheckpointFormatError(f"{label}: header names {e.args[0]!r} twice") from None
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError(f"{label}: header must be a JSON object, got {type(obj).__name__}")
+    metadata = _check_metadata(obj.pop("__metadata__", {}), label)
+    entries = {name: _check_entry(name, value, data_start, label) for name, value in obj.items()}
+    _check_tiling(entries, data_start, file_size, label)
+    return Header(entries, metadata, data_start, file_size)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _check_metadata(meta, label: str) -> dict[str, str]:
+    if not isinstance(meta, dict):
+        raise CheckpointFormatError(f"{label}: __metadata__ must be an object of strings, got {type(meta).__name__}")
+    bad = [k for k, v in meta.items() if not isinstance(v, str)]
+    if bad:
+        raise CheckpointFormatError(f"{label}: __metadata__ values must be strings; not so for {bad}")
+    return meta
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_entry(name: str, value, data_start: int, label: str) -> TensorEntry:
+    where = f"{label}: tensor {name!r}"
+    if not isinstance(value, dict):
+        raise CheckpointFormatError(f"{where}: entry must be an object, got {type(value).__name__}")
+    if set(value) != _ENTRY_KEYS:
+        missing, extra = _ENTRY_KEYS - set(value), set(value) - _ENTRY_KEYS
+        raise CheckpointFormatError(f"{where}: entry keys must be {sorted(_ENTRY_KEYS)}; missing {sorted(missing)}, unexpected {sorted(extra)}")
+    dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+    torch_dtype = dtypes.to_torch(dtype, name) if isinstance(dtype, str) else None
+    if torch_dtype is None:
+        raise CheckpointFormatError(f"{where}: dtype must be a string, got {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CheckpointFormatError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise CheckpointFormatError(f"{where}: data_offsets must be two integers, got {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise CheckpointFormatError(f"{where}: data_offsets {offsets} are not 0 <= begin <= end")
+    expected = math.prod(shape) * dtypes.itemsize(torch_dtype)
+    if end - begin != expected:
+        raise CheckpointFormatError(f"{where}: data_offsets span {end - begin} bytes but shape {shape} of {dtype} needs {expected}")
+    return TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _check_tiling(entries: dict[str, TensorEntry], data_start: int, file_size: int, label: str) -> None:
+    pos = data_start
+    for e in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
+        if e.begin != pos:
+            kind = "overlaps the previous tensor" if e.begin < pos else f"leaves a hole of {e.begin - pos} bytes before it"
+            raise CheckpointFormatError(f"{label}: tensor {e.name!r} at data offset {e.begin - data_start} {kind}")
+        pos = e.end
+    if pos > file_size:
+        raise CheckpointFormatError(f"{label}: tensor data ends at byte {pos} but the file has {file_size} bytes (truncated?)")
+    if pos < file_size:
+        raise CheckpointFormatError(f"{label}: {file_size - pos} trailing bytes after the last tensor")

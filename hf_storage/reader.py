@@ -1,0 +1,323 @@
+"""Resharding reader: any Hugging Face safetensors checkpoint into any sharded layout.
+
+Metadata comes from ``model.safetensors.index.json`` and the headers of the files it names (validated
+as untrusted input), or from a lone ``model.safetensors``. Directories written by torch's own
+``HuggingFaceStorageWriter(save_distributed=True)`` have no index; their ``*.safetensors`` shard files,
+each carrying ``DCP_SHARDING_INFO``, are found by listing the directory. Each rank then ``preadv``s only
+the byte runs its targets need, straight into the target tensor's memory when it is a contiguous CPU
+tensor of the stored dtype, through a bounded staging buffer otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
+
+from . import _io, dtypes, header
+from .errors import CheckpointFormatError, StateDictMismatchError, format_keys
+from .layout import INDEX_NAME, SINGLE_FILE_NAME
+
+MAX_INDEX_BYTES = 100 * 1000 * 1000
+_SHARDING_KEY = "DCP_SHARDING_INFO"
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    """Where one stored piece of a tensor lives: file, absolute data offset, its box in the tensor."""
+
+    file: str
+    begin: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]  # shape of the stored piece
+    offsets: tuple[int, ...]  # its offset in the full tensor
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    chunks: tuple[StoredChunk, ...]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    directory: Path
+    files: dict[str, header.Header]
+    tensors: dict[str, TensorInfo]
+    index: dict | None
+
+    def nbytes(self) -> int:
+        return sum(math.prod(t.shape) * dtypes.itemsize(t.dtype) for t in self.tensors.values())
+
+
+def _confined(directory: Path, name: object) -> Path:
+    """``directory/name``, refusing names that could leave the directory."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise CheckpointFormatError(f"index names an invalid file {name!r}")
+    if os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
+        raise CheckpointFormatError(f"index names file {name!r} outside the checkpoint directory")
+    path = directory / name
+    real, root = os.path.realpath(path), os.path.realpath(directory)
+    if os.path.commonpath([real, root]) != root:
+        raise CheckpointFormatError(f"file {name!r} resolves to {real}, outside the checkpoint directory {root}")
+    return path
+
+
+def _read_index(directory: Path) -> dict:
+    path = directory / INDEX_NAME
+    size = path.stat().st_size
+    if size > MAX_INDEX_BYTES:
+        raise CheckpointFormatError(f"{path}: {size} bytes exceeds the {MAX_INDEX_BYTES}-byte limit for an index")
+    try:
+        index = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointFormatError(f"{path}: not valid UTF-8 JSON ({e})") from None
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise CheckpointFormatError(f"{path}: must be a JSON object with a 'weight_map' object")
+    bad = [k for k, v in index["weight_map"].items() if not isinstance(v, str)]
+    if bad:
+        raise CheckpointFormatError(f"{path}: weight_map values must be file names; not so for {format_keys(bad)}")
+    return index
+
+
+def _read_header(path: Path, name: str) -> header.Header:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise CheckpointFormatError(f"checkpoint file {name!r} is missing from {path.parent}") from None
+    try:
+        return header.read(fd, os.fstat(fd).st_size, str(path))
+    finally:
+        os.close(fd)
+
+
+def _sharding_info(h: header.Header, name: str) -> dict[str, tuple[int, ...]]:
+    raw = h.metadata.get(_SHARDING_KEY)
+    if raw is None:
+        return {}
+    try:
+        info = json.loads(raw)
+        out = {k: tuple(v["saved_offsets"]) for k, v in info.items()}
+    except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointFormatError(f"{name}: malformed {_SHARDING_KEY} metadata ({e})") from None
+    for k, offs in out.items():
+        if k in h.entries and (len(offs) != len(h.entries[k].shape) or
+                               not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs)):
+            raise CheckpointFormatError(f"{name}: {_SHARDING_KEY} offsets {list(offs)} for {k!r} do not fit its shape")
+    return out
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read and validate a checkpoint's index and headers. No tensor data is read."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointFormatError(f"checkpoint directory {str(directory)!r} does not exist")
+    index = None
+    if (directory / INDEX_NAME).is_file():
+        index = _read_index(directory)
+        wanted: dict[str, list[str]] = {}
+        for fqn, fname in index["weight_map"].items():
+            wanted.setdefault(fname, []).append(fqn)
+    elif (directory / SINGLE_FILE_NAME).is_file():
+        wanted = {SINGLE_FILE_NAME: []}
+    else:
+        names = sorted(p.name for p in directory.glob("*.safetensors"))
+        if not names:
+            raise CheckpointFormatError(
+                f"{str(directory)!r} holds no {INDEX_NAME}, no {SINGLE_FILE_NAME} and no *.safetensors files; "
+                "is this a checkpoint directory? An interrupted save leaves no index."
+            )
+        wanted = {n: [] for n in names}
+    files = {name: _read_header(_confined(directory, name), name) for name in wanted}
+    absent = [f"{fqn} (in {fname})" for fname, fqns in wanted.items() for fqn in fqns if fqn not in files[fname].entries]
+    if absent:
+        raise CheckpointFormatError(f"the index names tensors their files do not hold: {format_keys(absent)}")
+    listed = {fqn for fqns in wanted.values() for fqn in fqns} if index is not None else None
+    return Checkpoint(directory, files, _collect(files, listed), index)
+
+
+def _collect(files: dict[str, header.Header], listed: set[str] | None) -> dict[str, TensorInfo]:
+    pieces: dict[str, list[StoredChunk]] = {}
+    for fname, h in files.items():
+        sharding = _sharding_info(h, fname)
+        for e in h.entries.values():
+            if listed is not None and e.name not in listed:
+                continue
+            offs = sharding.get(e.name, (0,) * len(e.shape))
+            pieces.setdefault(e.name, []).append(
+                StoredChunk(fname, e.begin, dtypes.to_torch(e.dtype), e.shape, offs))
+    tensors = {}
+    for name, chunks in pieces.items():
+        kinds = {c.dtype for c in chunks}
+        if len(kinds) > 1:
+            raise CheckpointFormatError(f"tensor {name!r} is stored with several dtypes: {sorted(map(str, kinds))}")
+        if len({c.offsets for c in chunks}) != len(chunks):
+            raise CheckpointFormatError(f"tensor {name!r} is stored more than once: {[c.file for c in chunks]}")
+        ndim = {len(c.shape) for c in chunks}
+        if len(ndim) > 1:
+            raise CheckpointFormatError(f"pieces of tensor {name!r} disagree on the number of dimensions")
+        shape = tuple(max(c.offsets[d] + c.shape[d] for c in chunks) for d in range(len(chunks[0].shape)))
+        stored = sum(math.prod(c.shape) for c in chunks)
+        if stored != math.prod(shape):
+            raise CheckpointFormatError(f"the pieces of tensor {name!r} do not tile its shape {list(shape)}")
+        tensors[name] = TensorInfo(name, chunks[0].dtype, shape, tuple(chunks))
+    return tensors
+
+
+def to_metadata(ckpt: Checkpoint) -> Metadata:
+    """DCP metadata: one chunk per stored piece; ``storage_data`` maps each chunk to its StoredChunk."""
+    sd_meta, storage = {}, {}
+    for t in ckpt.tensors.values():
+        sd_meta[t.name] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=t.dtype),
+            size=torch.Size(t.shape),
+            chunks=[ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.shape)) for c in t.chunks],
+        )
+        for c in t.chunks:
+            storage[MetadataIndex(fqn=t.name, offset=torch.Size(c.offsets))] = c
+    return Metadata(state_dict_metadata=sd_meta, storage_data=storage)
+
+
+def check_targets(ckpt: Checkpoint, targets: dict[str, tuple[tuple[int, ...], torch.dtype]], *,
+                  strict: bool = True, allow_cast: bool = False) -> None:
+    """One error naming every target key that is missing, or whose shape / dtype differs."""
+    problems = []
+    for name, (shape, dtype) in targets.items():
+        t = ckpt.tensors.get(name)
+        if t is None:
+            if strict:
+                problems.append(f"{name}: missing from the checkpoint")
+            continue
+        if tuple(shape) != t.shape:
+            problems.append(f"{name}: shape {list(shape)} but the checkpoint has {list(t.shape)}")
+        if dtype != t.dtype and not allow_cast:
+            problems.append(f"{name}: dtype {dtype} but the checkpoint has {t.dtype}")
+    if problems:
+        fix = "pass strict=False to skip missing keys, allow_cast=True to convert dtypes" if any(
+            "missing" in p or "dtype" in p for p in problems) else "build the target with the checkpoint's shapes"
+        raise StateDictMismatchError(
+            f"{len(problems)} target tensors do not match the checkpoint at {ckpt.directory}: "
+            + "; ".join(problems[:50]) + (f"; ... ({len(problems) - 50} more)" if len(problems) > 50 else "")
+            + f". Fix: {fix}.")
+
+
+class _FileCache:
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.fds: dict[str, int] = {}
+
+    def fd(self, name: str) -> int:
+        if name not in self.fds:
+            self.fds[name] = os.open(_confined(self.directory, name), os.O_RDONLY)
+        return self.fds[name]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def read_requests(directory: Path, requests: Iterable[tuple[StoredChunk, torch.Tensor, tuple[int, ...], tuple[int, ...]]],
+                  *, thread_count: int = 1, budget: int = _io.DEFAULT_BUDGET) -> int:
+    """Fill each target from the box ``(offsets, sizes)`` of a stored chunk. Returns bytes read."""
+    files = _FileCache(directory)
+    staging = _io.Staging(budget)
+    total = 0
+    try:
+        with _io.IOPool(thread_count) as pool:
+            for chunk, target, offsets, sizes in requests:
+                total += _io.read_box(pool, staging, files.fd(chunk.file), target, chunk.dtype, chunk.begin,
+                                      chunk.shape, offsets, sizes)
+    finally:
+        files.close()
+    return total
+
+
+class HuggingFaceStorageReader(StorageReader):
+    """DCP storage reader for Hugging Face safetensors checkpoints; drop-in for torch's class.
+
+    Loads into any target layout (plain tensors, DTensors on 1-D/2-D meshes, another world size than the
+    save), reading only the byte ranges each rank's targets need. A target whose dtype differs from the
+    stored one raises :class:`StateDictMismatchError` naming every such key, unless ``allow_cast=True``.
+
+    Example::
+
+        dcp.load(state_dict, storage_reader=HuggingFaceStorageReader("/ckpt/step-1000"))
+    """
+
+    def __init__(self, path: str | os.PathLike, thread_count: int = 1, *, allow_cast: bool = False,
+                 budget: int = _io.DEFAULT_BUDGET) -> None:
+        super().__init__()
+        if thread_count < 1:
+            raise ValueError(f"thread_count must be >= 1, got {thread_count}")
+        self.path = Path(path)
+        self.thread_count = thread_count
+        self.allow_cast = allow_cast
+        self.budget = budget
+        self.storage_data: dict[MetadataIndex, StoredChunk] = {}
+        self.load_id: str | None = None
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        if checkpoint_id is not None:
+            self.path = Path(checkpoint_id)
+        self.storage_data = {}
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        md = to_metadata(open_checkpoint(self.path))
+        md.storage_meta = StorageMeta(checkpoint_id=str(self.path), load_id=self.load_id)
+        return md
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs) -> None:
+        self.storage_data = metadata.storage_data
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        bad = [it.dest_index.fqn for it in plan.items if it.type != LoadItemType.TENSOR]
+        if bad:
+            raise StateDictMismatchError(f"safetensors checkpoints hold tensors only; cannot load {format_keys(sorted(set(bad)))}")
+        work, mismatched = [], set()
+        for it in plan.items:
+            chunk = self.storage_data[it.storage_index]
+            target = planner.resolve_tensor(it).detach()
+            if target.dtype != chunk.dtype and not self.allow_cast:
+                mismatched.add(f"{it.dest_index.fqn} (target {target.dtype}, stored {chunk.dtype})")
+            work.append((it, chunk, target))
+        if mismatched:
+            raise StateDictMismatchError(
+                f"dtype mismatch for {format_keys(sorted(mismatched))}; build the targets with the stored dtypes "
+                "or pass allow_cast=True")
+        read_requests(self.path, ((c, t, tuple(it.storage_offsets), tuple(it.lengths)) for it, c, t in work),
+                      thread_count=self.thread_count, budget=self.budget)
+        for it, _, target in work:
+            planner.commit_tensor(it, target)
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        p = Path(checkpoint_id)
+        return p.is_dir() and ((p / INDEX_NAME).is_file() or any(p.glob("*.safetensors")))

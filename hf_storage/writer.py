@@ -1,0 +1,282 @@
+"""One-pass writer: every rank writes its own bytes straight into the final safetensors files.
+
+Three steps, shared by the DCP :class:`HuggingFaceStorageWriter` and by :func:`hf_storage.save`:
+
+1. :func:`create_files` (one rank): plan the layout, create the staging directory and every file with its
+   final header and size;
+2. :func:`write_chunks` (every rank): ``pwrite`` the runs of each local chunk at their final offsets;
+3. :func:`commit` (one rank, after all writes): check that every byte was written exactly once, write the
+   index JSON and any extra files, then publish the directory atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
+
+from . import _io, commit as _commit
+from .errors import HFStorageError, UnsupportedEntryError, format_keys
+from .layout import INDEX_NAME, Layout, TensorSpec, plan
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A local piece of a tensor to write: ``data`` covers ``offsets``/``sizes`` of the global ``shape``."""
+
+    fqn: str
+    data: torch.Tensor
+    shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    fqn: str
+    nbytes: int
+
+
+def create_files(staging: Path, layout: Layout) -> None:
+    """Create every file of ``layout`` in ``staging`` with its header written and its final size."""
+    for f in layout.files:
+        fd = os.open(staging / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _io.pwrite_all(fd, memoryview(f.header), 0)
+            os.ftruncate(fd, f.size)
+        finally:
+            os.close(fd)
+
+
+def write_chunks(
+    staging: Path,
+    placements: Mapping[str, tuple[str, int]],
+    chunks: Iterable[Chunk],
+    *,
+    thread_count: int = 1,
+    budget: int = _io.DEFAULT_BUDGET,
+    durable: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> list[ChunkResult]:
+    """Write each chunk's runs into its file. ``placements`` maps FQN -> (file name, data offset)."""
+    fds: dict[str, int] = {}
+    results: list[ChunkResult] = []
+    staging_buf = _io.Staging(budget)
+    try:
+        with _io.IOPool(thread_count) as pool:
+            for c in chunks:
+                file, base = placements[c.fqn]
+                if file not in fds:
+                    fds[file] = os.open(staging / file, os.O_WRONLY)
+                n = _io.write_box(pool, staging_buf, fds[file], c.data, base, c.shape, c.offsets, c.sizes)
+                results.append(ChunkResult(c.fqn, n))
+                if progress is not None:
+                    progress(n)
+        if durable:
+            for fd in fds.values():
+                os.fsync(fd)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return results
+
+
+def commit(
+    staging: Path,
+    target: str | os.PathLike,
+    layout: Layout,
+    results: Iterable[ChunkResult],
+    *,
+    durable: bool = False,
+    extra_files: Mapping[str, bytes | str] | None = None,
+) -> dict:
+    """Check completeness, write the index (the commit point) and publish. Returns the index dict."""
+    written: dict[str, int] = defaultdict(int)
+    for r in results:
+        written[r.fqn] += r.nbytes
+    wrong = [f"{name} ({written.get(name, 0)} of {p.spec.nbytes} bytes)"
+             for name, p in layout.tensors.items() if written.get(name, 0) != p.spec.nbytes]
+    if wrong:
+        raise HFStorageError(
+            f"the ranks did not write every byte exactly once; nothing was published. Tensors: {format_keys(wrong)}. "
+            "Check that the shards of each DTensor cover it without overlap."
+        )
+    if durable:
+        for f in layout.files:
+            _commit.fsync_path(staging / f.name)
+    for name, data in (extra_files or {}).items():
+        _commit.write_file(staging, name, data.encode() if isinstance(data, str) else data, durable)
+    index = layout.index({"format_version": FORMAT_VERSION})
+    _commit.write_file(staging, INDEX_NAME, json.dumps(index, indent=2).encode() + b"\n", durable)
+    _commit.publish(staging, target, durable)
+    return index
+
+
+@dataclass(frozen=True)
+class _PlanData:
+    """What the coordinator sends each rank: the staging directory and where its tensors go."""
+
+    staging: str
+    placements: dict[str, tuple[str, int]]
+
+
+class HuggingFaceStorageWriter(StorageWriter):
+    """DCP storage writer producing a consolidated Hugging Face checkpoint in one pass.
+
+    Same positional and keyword arguments as ``torch.distributed.checkpoint.HuggingFaceStorageWriter``;
+    ``save_distributed``, ``enable_consolidation`` and ``thread_count_consolidation`` are accepted for
+    compatibility and change nothing: the output is always ``model-0000i-of-0000N.safetensors`` plus
+    ``model.safetensors.index.json``, written directly by the ranks that hold the data.
+
+    Extra keyword-only arguments:
+        max_shard_size: start a new file when the next tensor would push the current one past this size
+            (``"5GB"``, ``"500MiB"`` or a byte count). Ignored when ``fqn_to_index_mapping`` is given.
+        durable: fsync every file and the directory before the checkpoint is published.
+        overwrite: replace an existing checkpoint at ``path`` (atomically); if False, refuse.
+        extra_files: ``{name: bytes | str}`` written beside the weights before publication (``config.json``).
+        budget: bytes of host staging buffer for CUDA / non-contiguous tensors.
+        progress: called with a byte count after each chunk this rank writes.
+
+    Example::
+
+        dcp.save(model.state_dict(), storage_writer=HuggingFaceStorageWriter("/ckpt/step-1000", max_shard_size="5GB"))
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        fqn_to_index_mapping: dict[str, int] | None = None,
+        thread_count: int = 1,
+        save_distributed: bool = False,
+        enable_consolidation: bool = False,
+        thread_count_consolidation: int = 1,
+        *,
+        max_shard_size: int | str | None = None,
+        durable: bool = False,
+        overwrite: bool = True,
+        extra_files: Mapping[str, bytes | str] | None = None,
+        budget: int = _io.DEFAULT_BUDGET,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        super().__init__()
+        if thread_count < 1:
+            raise ValueError(f"thread_count must be >= 1, got {thread_count}")
+        self.path = Path(path)
+        self.fqn_to_index_mapping = fqn_to_index_mapping
+        self.max_shard_size = None if fqn_to_index_mapping is not None else max_shard_size
+        self.thread_count = thread_count
+        self.save_distributed = save_distributed
+        self.enable_consolidation = enable_consolidation
+        self.thread_count_consolidation = thread_count_consolidation
+        self.durable = durable
+        self.overwrite = overwrite
+        self.extra_files = dict(extra_files or {})
+        self.budget = budget
+        self.progress = progress
+        self.is_coordinator = False
+        self.rank = 0
+        self.layout: Layout | None = None
+        self.index: dict | None = None
+        self._staging: Path | None = None
+
+    # -- StorageWriter protocol ------------------------------------------------------------------
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        if checkpoint_id is not None:
+            self.path = Path(checkpoint_id)
+        self.layout, self.index, self._staging = None, None, None
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args, **kwargs) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = kwargs.get("rank", 0) or 0
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        specs = specs_from_plans(plans)
+        self.layout = plan(specs.values(), max_shard_size=self.max_shard_size,
+                           fqn_to_index_mapping=self.fqn_to_index_mapping)
+        self._staging = _commit.begin(self.path, self.overwrite)
+        try:
+            create_files(self._staging, self.layout)
+        except BaseException:
+            _commit.abort(self._staging)
+            raise
+        out = []
+        for p in plans:
+            mine = {it.index.fqn: (self.layout.tensors[it.index.fqn].file, self.layout.tensors[it.index.fqn].offset)
+                    for it in p.items}
+            out.append(dataclasses.replace(p, storage_data=_PlanData(str(self._staging), mine)))
+        return out
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        data: _PlanData = plan.storage_data
+        def chunks():
+            for it in plan.items:
+                td = it.tensor_data
+                tensor = planner.resolve_data(it)
+                yield Chunk(it.index.fqn, tensor, tuple(td.size), tuple(td.chunk.offsets), tuple(td.chunk.sizes))
+
+        results = write_chunks(Path(data.staging), data.placements, chunks(), thread_count=self.thread_count,
+                               budget=self.budget, durable=self.durable, progress=self.progress)
+        wr = [WriteResult(index=it.index, size_in_bytes=r.nbytes, storage_data=r)
+              for it, r in zip(plan.items, results)]
+        fut: Future = Future()
+        fut.set_result(wr)
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        if self.layout is None or self._staging is None:
+            raise HFStorageError("finish() called before prepare_global_plan() on the coordinator")
+        try:
+            self.index = commit(self._staging, self.path, self.layout,
+                                (w.storage_data for rank in results for w in rank),
+                                durable=self.durable, extra_files=self.extra_files)
+        except BaseException:
+            _commit.abort(self._staging)
+            raise
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=str(self.path))
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return isinstance(checkpoint_id, (str, os.PathLike)) and "://" not in str(checkpoint_id)
+
+
+def specs_from_plans(plans: list[SavePlan]) -> dict[str, TensorSpec]:
+    """Global tensor specs from every rank's write items; refuses non-tensor entries, all named at once."""
+    specs: dict[str, TensorSpec] = {}
+    not_tensors: set[str] = set()
+    conflicts: set[str] = set()
+    for p in plans:
+        for it in p.items:
+            fqn = it.index.fqn
+            if it.type == WriteItemType.BYTE_IO or it.tensor_data is None:
+                not_tensors.add(fqn)
+                continue
+            s = TensorSpec(fqn, it.tensor_data.properties.dtype, tuple(it.tensor_data.size))
+            if specs.setdefault(fqn, s) != s:
+                conflicts.add(fqn)
+    if not_tensors:
+        raise UnsupportedEntryError(
+            f"the safetensors format stores tensors only; these state dict entries are not tensors: "
+            f"{format_keys(sorted(not_tensors))}. Remove them (or save them separately, e.g. as JSON); "
+            "nothing was written."
+        )
+    if conflicts:
+        raise HFStorageError(f"ranks disagree on the shape or dtype of {format_keys(sorted(conflicts))}")
+    return specs
+
