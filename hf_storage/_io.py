@@ -14,6 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from .checksum import Accumulator
 from .errors import CheckpointFormatError
 from .layout import chunk_runs
 
@@ -145,8 +146,12 @@ class Staging:
 
 
 def write_box(pool: IOPool, staging: Staging, fd: int, src: torch.Tensor, base: int,
-              shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> int:
-    """Write ``src`` (the box's data, shape ``sizes``) into its runs. Returns bytes written."""
+              shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...],
+              crc: Accumulator | None = None) -> int:
+    """Write ``src`` (the box's data, shape ``sizes``) into its runs. Returns bytes written.
+
+    With ``crc``, the runs are also folded into that checksum accumulator while the writes proceed.
+    """
     direct = _is_direct(src)
     itemsize = src.element_size()
     row_bytes = src[0].numel() * itemsize if src.dim() and src.shape[0] else 0
@@ -160,7 +165,10 @@ def write_box(pool: IOPool, staging: Staging, fd: int, src: torch.Tensor, base: 
             block = host
         off, sz = _sub_box(offsets, sizes, r0, n)
         starts, length = chunk_runs(shape, off, sz)
-        _dispatch(pool, pwrite_all, fd, as_bytes(block), base, starts, length * itemsize, itemsize)
+        mv = as_bytes(block)
+        _dispatch(pool, pwrite_all, fd, mv, base, starts, length * itemsize, itemsize)
+        if crc is not None:
+            crc.add_runs(mv, (starts * itemsize).tolist(), length * itemsize)
         written += block.numel() * itemsize
     if not direct:
         pool.drain()

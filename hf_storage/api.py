@@ -155,6 +155,7 @@ def save(
     durable: bool = False,
     overwrite: bool = True,
     extra_files: Mapping[str, bytes | str] | None = None,
+    checksums: bool = True,
     process_group=None,
     budget: int = _io.DEFAULT_BUDGET,
     progress: Callable[[int], None] | None = None,
@@ -191,7 +192,7 @@ def save(
     try:
         results = write_chunks(staging, {n: (p.file, p.offset) for n, p in layout.tensors.items()},
                                _local_chunks(tensors, coll.rank), thread_count=thread_count, budget=budget,
-                               durable=durable, progress=progress)
+                               durable=durable, checksums=checksums, progress=progress)
         report = (_fingerprint(layout), results)
     except Exception as e:
         results, report = [], ("error", coll.rank, f"{type(e).__name__}: {e}")

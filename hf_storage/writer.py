@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -25,7 +26,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import _io, commit as _commit
+from . import _io, checksum, commit as _commit
 from .errors import HFStorageError, UnsupportedEntryError, format_keys
 from .layout import INDEX_NAME, Layout, TensorSpec, plan
 
@@ -47,6 +48,7 @@ class Chunk:
 class ChunkResult:
     fqn: str
     nbytes: int
+    crc: int | None = None  # this chunk's share of the tensor's linear CRC-32 (see checksum.py)
 
 
 def create_files(staging: Path, layout: Layout) -> None:
@@ -68,6 +70,7 @@ def write_chunks(
     thread_count: int = 1,
     budget: int = _io.DEFAULT_BUDGET,
     durable: bool = False,
+    checksums: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> list[ChunkResult]:
     """Write each chunk's runs into its file. ``placements`` maps FQN -> (file name, data offset)."""
@@ -80,8 +83,10 @@ def write_chunks(
                 file, base = placements[c.fqn]
                 if file not in fds:
                     fds[file] = os.open(staging / file, os.O_WRONLY)
-                n = _io.write_box(pool, staging_buf, fds[file], c.data, base, c.shape, c.offsets, c.sizes)
-                results.append(ChunkResult(c.fqn, n))
+                acc = checksum.Accumulator() if checksums else None
+                n = _io.write_box(pool, staging_buf, fds[file], c.data, base, c.shape, c.offsets, c.sizes, acc)
+                nbytes = math.prod(c.shape) * c.data.element_size()
+                results.append(ChunkResult(c.fqn, n, None if acc is None else acc.contribution(nbytes)))
                 if progress is not None:
                     progress(n)
         if durable:
@@ -104,8 +109,11 @@ def commit(
 ) -> dict:
     """Check completeness, write the index (the commit point) and publish. Returns the index dict."""
     written: dict[str, int] = defaultdict(int)
+    crcs: dict[str, int | None] = {}
     for r in results:
         written[r.fqn] += r.nbytes
+        prev = crcs.get(r.fqn, 0)
+        crcs[r.fqn] = None if prev is None or r.crc is None else prev ^ r.crc
     wrong = [f"{name} ({written.get(name, 0)} of {p.spec.nbytes} bytes)"
              for name, p in layout.tensors.items() if written.get(name, 0) != p.spec.nbytes]
     if wrong:
@@ -118,7 +126,11 @@ def commit(
             _commit.fsync_path(staging / f.name)
     for name, data in (extra_files or {}).items():
         _commit.write_file(staging, name, data.encode() if isinstance(data, str) else data, durable)
-    index = layout.index({"format_version": FORMAT_VERSION})
+    meta: dict[str, object] = {"format_version": FORMAT_VERSION}
+    if all(crcs.get(n, 0) is not None for n in layout.tensors):
+        meta["checksums"] = {"algorithm": "crc32", "tensors": {
+            n: f"{checksum.finalize(crcs.get(n, 0) or 0, p.spec.nbytes):08x}" for n, p in sorted(layout.tensors.items())}}
+    index = layout.index(meta)
     _commit.write_file(staging, INDEX_NAME, json.dumps(index, indent=2).encode() + b"\n", durable)
     _commit.publish(staging, target, durable)
     return index
@@ -146,6 +158,7 @@ class HuggingFaceStorageWriter(StorageWriter):
         durable: fsync every file and the directory before the checkpoint is published.
         overwrite: replace an existing checkpoint at ``path`` (atomically); if False, refuse.
         extra_files: ``{name: bytes | str}`` written beside the weights before publication (``config.json``).
+        checksums: record each tensor's CRC-32 in the index (computed while writing, no second read).
         budget: bytes of host staging buffer for CUDA / non-contiguous tensors.
         progress: called with a byte count after each chunk this rank writes.
 
@@ -167,6 +180,7 @@ class HuggingFaceStorageWriter(StorageWriter):
         durable: bool = False,
         overwrite: bool = True,
         extra_files: Mapping[str, bytes | str] | None = None,
+        checksums: bool = True,
         budget: int = _io.DEFAULT_BUDGET,
         progress: Callable[[int], None] | None = None,
     ) -> None:
@@ -183,6 +197,7 @@ class HuggingFaceStorageWriter(StorageWriter):
         self.durable = durable
         self.overwrite = overwrite
         self.extra_files = dict(extra_files or {})
+        self.checksums = checksums
         self.budget = budget
         self.progress = progress
         self.is_coordinator = False
@@ -230,7 +245,8 @@ class HuggingFaceStorageWriter(StorageWriter):
                 yield Chunk(it.index.fqn, tensor, tuple(td.size), tuple(td.chunk.offsets), tuple(td.chunk.sizes))
 
         results = write_chunks(Path(data.staging), data.placements, chunks(), thread_count=self.thread_count,
-                               budget=self.budget, durable=self.durable, progress=self.progress)
+                               budget=self.budget, durable=self.durable, checksums=self.checksums,
+                               progress=self.progress)
         wr = [WriteResult(index=it.index, size_in_bytes=r.nbytes, storage_data=r)
               for it, r in zip(plan.items, results)]
         fut: Future = Future()

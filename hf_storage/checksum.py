@@ -1,0 +1,110 @@
+"""CRC-32 of each tensor's bytes, computed as they are written, by ranks that each hold only pieces.
+
+CRC-32 is affine over GF(2): the CRC of a message equals a linear part, which is additive (XOR) over
+disjoint pieces placed at their positions with zeros elsewhere, plus a constant that depends only on the
+length. So each rank computes, for every tensor, the XOR of its own pieces' linear CRCs, each shifted by
+the number of bytes that follow it in the tensor; the coordinator XORs the ranks' contributions and adds
+the constant. The result is the standard ``zlib.crc32`` of the tensor's data, with no second read and no
+ordering between ranks. Arithmetic is modulo the CRC polynomial, in zlib's bit-reflected representation.
+"""
+
+from __future__ import annotations
+
+import zlib
+from functools import lru_cache
+
+_POLY = 0xEDB88320
+_ONE = 1 << 31  # the polynomial "1" in reflected representation
+_ALL = 0xFFFFFFFF
+
+
+def _mul(a: int, b: int) -> int:
+    """a(x) * b(x) modulo the CRC polynomial."""
+    p = 0
+    m = _ONE
+    while m:
+        if a & m:
+            p ^= b
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+        m >>= 1
+    return p
+
+
+def _powers() -> list[int]:
+    table, p = [], 1 << 30  # x^1
+    for _ in range(64):
+        table.append(p)
+        p = _mul(p, p)
+    return table
+
+
+_X2N = _powers()  # x^(2^k)
+
+
+@lru_cache(maxsize=4096)
+def _shift_factor(nbytes: int) -> int:
+    """x^(8 * nbytes) modulo the polynomial: the effect of appending ``nbytes`` zero bytes."""
+    p, k, n = _ONE, 3, nbytes
+    while n:
+        if n & 1:
+            p = _mul(_X2N[k], p)
+        n >>= 1
+        k += 1
+    return p
+
+
+@lru_cache(maxsize=64)
+def _table(factor: int) -> tuple[tuple[int, ...], ...]:
+    """Byte-wise tables for multiplying by a fixed factor: four lookups instead of 32 steps."""
+    return tuple(tuple(_mul(factor, b << (8 * i)) for b in range(256)) for i in range(4))
+
+
+def shift(crc: int, nbytes: int) -> int:
+    """The linear CRC of ``piece + nbytes zero bytes`` given the linear CRC of ``piece``."""
+    return _mul(_shift_factor(nbytes), crc) if nbytes else crc
+
+
+def linear(buf) -> int:
+    """The linear part of the CRC-32 of ``buf`` (zero initial register, no final XOR)."""
+    return zlib.crc32(buf, _ALL) ^ _ALL
+
+
+def finalize(linear_crc: int, length: int) -> int:
+    """The standard CRC-32 (``zlib.crc32``) of a ``length``-byte message from its linear part."""
+    return linear_crc ^ shift(_ALL, length) ^ _ALL
+
+
+class Accumulator:
+    """Folds the runs of one chunk, in increasing file order, into a tensor-level contribution."""
+
+    __slots__ = ("acc", "end")
+
+    def __init__(self) -> None:
+        self.acc = 0
+        self.end = -1  # tensor-relative byte offset one past the last run folded
+
+    def add_runs(self, mv: memoryview, starts: list[int], run: int) -> None:
+        """``mv`` holds the runs back to back; ``starts`` are their tensor-relative byte offsets."""
+        if not starts or run == 0:
+            return
+        acc, end = self.acc, self.end
+        k = 0
+        if end < 0:
+            acc, end, k = linear(mv[:run]), starts[0] + run, 1
+        use_table = len(starts) - k > 64
+        last_step, tab = -1, None
+        for i in range(k, len(starts)):
+            step = starts[i] + run - end
+            if use_table:
+                if step != last_step:
+                    tab, last_step = _table(_shift_factor(step)), step
+                acc = tab[0][acc & 255] ^ tab[1][(acc >> 8) & 255] ^ tab[2][(acc >> 16) & 255] ^ tab[3][acc >> 24]
+            else:
+                acc = shift(acc, step)
+            acc ^= linear(mv[i * run:(i + 1) * run])
+            end = starts[i] + run
+        self.acc, self.end = acc, end
+
+    def contribution(self, tensor_nbytes: int) -> int:
+        """This chunk's share of the tensor's linear CRC (XOR the shares of all chunks)."""
+        return 0 if self.end < 0 else shift(self.acc, tensor_nbytes - self.end)
