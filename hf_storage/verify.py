@@ -1,0 +1,405 @@
+"""Check a checkpoint directory without loading it: structure, spec conformance and checksums.
+
+    python -m hf_storage verify /ckpt/step-1000      # exit 0: ok, 1: problems found, 2: usage error
+    python -m hf_storage inspect /ckpt/step-1000 [--json]
+
+:func:`verify` runs the reader's own validation (index, file confinement, every header) file by file, so
+that one broken file does not hide the others, then adds what a loader does not check: pieces of a tensor
+that overlap, dimensions no tensor library can hold, ``metadata.total_size``, and the CRC-32 of every
+tensor, recomputed by streaming its bytes through one bounded buffer.
+
+Two levels of finding:
+
+* **problems**: the checkpoint would fail to load, or would load wrong data. ``Report.ok`` is False.
+* **warnings**: the checkpoint loads, but breaks the profile this writer guarantees: 8-byte aligned header,
+  ``__metadata__.format == "pt"``, tensors aligned to their item size, checksums recorded for every
+  tensor, no stray tensors or files. Checkpoints from other writers (torch's ``HuggingFaceStorageWriter``
+  writes neither the padding nor ``format``) are readable, so these stay warnings; ``--strict`` (or
+  ``Report.clean``) treats them as failures.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import stat
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from . import dtypes, header, reader
+from .errors import CheckpointFormatError, format_keys
+from .layout import INDEX_NAME, SINGLE_FILE_NAME, natural_key
+
+__all__ = ["verify", "inspect", "Report", "Finding", "Row", "BLOCK_BYTES", "human_size"]
+
+BLOCK_BYTES = 16 * 2**20  # checksum reads go through one buffer of this size
+_CRC_RE = re.compile(r"^[0-9a-f]{8}$")
+_MAX_DIM = 2**63 - 1  # torch.Size (int64) cannot hold more
+_FIX_FILE = "re-download or re-save this file"
+_FIX_INDEX = f"re-download {INDEX_NAME} or re-save the checkpoint"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem or warning: where (file, tensor), what is wrong, and what to do about it."""
+
+    cause: str
+    file: str | None = None
+    tensor: str | None = None
+    fix: str | None = None
+
+    def __str__(self) -> str:
+        where = [w for w in (self.file, f"tensor {self.tensor!r}" if self.tensor is not None else None) if w]
+        text = ": ".join([*where, self.cause])
+        return f"{text}. Fix: {self.fix}" if self.fix else text
+
+
+@dataclass
+class Report:
+    """The outcome of :func:`verify`. ``ok``: no problems; ``clean``: no warnings either."""
+
+    path: str
+    problems: list[Finding] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+    files: int = 0
+    tensors: int = 0
+    data_bytes: int = 0
+    checksummed: int = 0  # tensors whose CRC-32 was recomputed and matched
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def clean(self) -> bool:
+        return self.ok and not self.warnings
+
+    def problem(self, cause: str, file: str | None = None, tensor: str | None = None, fix: str | None = None) -> None:
+        self.problems.append(Finding(cause, file, tensor, fix))
+
+    def warn(self, cause: str, file: str | None = None, tensor: str | None = None, fix: str | None = None) -> None:
+        self.warnings.append(Finding(cause, file, tensor, fix))
+
+    def format(self) -> str:
+        lines = [f"checkpoint {self.path}",
+                 f"  {self.files} files, {self.tensors} tensors, {human_size(self.data_bytes)} of tensor data, "
+                 f"{self.checksummed} checksums verified"]
+        lines += [f"  PROBLEM  {f}" for f in self.problems]
+        lines += [f"  warning  {f}" for f in self.warnings]
+        verdict = "OK" if self.ok else "FAILED"
+        lines.append(f"{verdict}: {len(self.problems)} problems, {len(self.warnings)} warnings")
+        return "\n".join(lines)
+
+
+class Row(NamedTuple):
+    """One tensor (or stored piece of one) as :func:`inspect` lists it."""
+
+    file: str
+    tensor: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def verify(path: str | os.PathLike, *, checksums: bool = True, block_bytes: int = BLOCK_BYTES) -> Report:
+    """Check the checkpoint at ``path`` and return a :class:`Report`; raises nothing for a bad checkpoint.
+
+    ``checksums=False`` skips the data pass (structure only: reads the index and headers, no tensor data).
+    """
+    directory = Path(path)
+    rep = Report(str(directory))
+    if not directory.is_dir():
+        rep.problem("not a directory", fix="pass the checkpoint directory")
+        return rep
+    index, wanted = _index(directory, rep)
+    headers = _headers(directory, wanted, rep)
+    listed = {fqn for fqns in wanted.values() for fqn in fqns} if index is not None else None
+    tensors = _tensors(headers, listed, rep)
+    _check_pieces(tensors, rep)
+    rep.files, rep.tensors = len(headers), len(tensors)
+    rep.data_bytes = sum(math.prod(t.shape) * dtypes.itemsize(t.dtype) for t in tensors.values())
+    if index is not None:
+        _check_total_size(index, rep)
+    recorded = _recorded_checksums(index, tensors, rep)
+    if checksums and recorded:
+        _check_checksums(directory, tensors, recorded, rep, block_bytes)
+    if rep.ok:
+        _cross_check(directory, rep)
+    return rep
+
+
+def inspect(path: str | os.PathLike) -> list[Row]:
+    """Every tensor of every file of the checkpoint, in file order then data order.
+
+    Raises :class:`CheckpointFormatError` for a checkpoint the reader refuses (run :func:`verify`).
+    """
+    rep = verify(path, checksums=False)  # the reader's checks, plus refusing FIFOs that would block it
+    if not rep.ok:
+        raise CheckpointFormatError(f"{path}: {rep.problems[0]}" + (
+            f" (and {len(rep.problems) - 1} more problems; run `python -m hf_storage verify`)" if len(rep.problems) > 1 else ""))
+    ckpt = reader.open_checkpoint(path)
+    rows = []
+    for fname in sorted(ckpt.files, key=natural_key):
+        for e in sorted(ckpt.files[fname].entries.values(), key=lambda e: e.begin):
+            rows.append(Row(fname, e.name, e.dtype, e.shape, e.nbytes))
+    return rows
+
+
+# --- steps of verify -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def _caught(rep: Report, file: str | None, fix: str) -> Iterator[None]:
+    """Turn whatever the reader raises for one step into a problem, so the other steps still run.
+
+    Anything but :class:`CheckpointFormatError` is a reader bug on hostile input; it is reported the same
+    way, with its type, so that ``verify`` itself never crashes on a bad checkpoint.
+    """
+    try:
+        yield
+    except CheckpointFormatError as e:
+        rep.problem(_strip_label(str(e), file), file, fix=fix)
+    except (OSError, ValueError, RecursionError) as e:
+        rep.problem(f"{type(e).__name__}: {_strip_label(str(e), file)}", file, fix=fix)
+
+
+def _strip_label(msg: str, file: str | None) -> str:
+    """Reader messages start with the file's full path; the finding names the file already."""
+    head, sep, rest = msg.partition(": ")
+    return rest if sep and file and (head == file or head.endswith(os.sep + file)) else msg
+
+
+def _index(directory: Path, rep: Report) -> tuple[dict | None, dict[str, list[str]]]:
+    """The index (None without one) and the files the checkpoint consists of, each with its listed FQNs."""
+    if (directory / INDEX_NAME).is_file():
+        index = None
+        with _caught(rep, INDEX_NAME, _FIX_INDEX):
+            index = reader._read_index(directory)
+        if index is None:
+            return None, {}
+        if not index["weight_map"]:
+            rep.warn("the index lists no tensors", INDEX_NAME, fix=_FIX_INDEX)
+        wanted: dict[str, list[str]] = {}
+        for fqn, fname in index["weight_map"].items():
+            wanted.setdefault(fname, []).append(fqn)
+        _check_index_metadata(index, rep)
+        _warn_stray_files(directory, set(wanted), rep)
+        return index, wanted
+    rep.warn(f"no {INDEX_NAME}, so no checksums to verify", fix="save with hf_storage to record checksums")
+    if (directory / SINGLE_FILE_NAME).is_file():
+        return None, {SINGLE_FILE_NAME: []}
+    names = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not names:
+        rep.problem(f"no {INDEX_NAME}, no {SINGLE_FILE_NAME} and no *.safetensors files; an interrupted save "
+                    "leaves no index", fix="point at a complete checkpoint directory")
+    return None, {n: [] for n in names}
+
+
+def _check_index_metadata(index: dict, rep: Report) -> None:
+    meta = index.setdefault("metadata", {})
+    if not isinstance(meta, dict):
+        rep.problem(f"'metadata' must be an object, got {type(meta).__name__}", INDEX_NAME, fix=_FIX_INDEX)
+        index["metadata"] = {}
+
+
+def _warn_stray_files(directory: Path, named: set[str], rep: Report) -> None:
+    stray = sorted(p.name for p in directory.glob("*.safetensors") if p.name not in named)
+    if stray:
+        rep.warn(f"files the index does not name (loaders ignore them): {format_keys(stray)}", INDEX_NAME,
+                 fix="delete them, or re-save if they belong to the checkpoint")
+
+
+def _headers(directory: Path, wanted: dict[str, list[str]], rep: Report) -> dict[str, header.Header]:
+    """Each file's validated header (the reader's own checks), then what the index says it holds."""
+    headers = {}
+    for fname in sorted(wanted, key=natural_key):
+        with _caught(rep, fname, _FIX_FILE):
+            path = reader._confined(directory, fname)
+            _require_regular(path, fname)
+            headers[fname] = reader._read_header(path, fname)
+        if fname in headers:
+            _check_conformance(path, fname, headers[fname], rep)
+            _check_listed(fname, headers[fname], wanted[fname], rep)
+    return headers
+
+
+def _require_regular(path: Path, fname: str) -> None:
+    """Refuse directories, FIFOs and devices before opening: opening a FIFO blocks forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointFormatError(f"checkpoint file {fname!r} is missing") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointFormatError(f"{fname!r} is not a regular file")
+
+
+def _check_conformance(path: Path, fname: str, h: header.Header, rep: Report) -> None:
+    """What the safetensors spec recommends and this writer guarantees; warnings, see the module docstring."""
+    n = h.data_start - 8
+    if n % 8:
+        rep.warn(f"header length {n} is not a multiple of 8 (tensor data is not 8-byte aligned)", fname,
+                 fix="re-save with hf_storage, which pads headers")
+    with open(path, "rb") as f:
+        f.seek(8)
+        if f.read(1) != b"{":
+            rep.warn("header JSON does not start with '{' as the spec requires", fname, fix=_FIX_FILE)
+    fmt = h.metadata.get("format")
+    if fmt != "pt":
+        what = "has no __metadata__.format" if fmt is None else f"has __metadata__.format {fmt!r}"
+        rep.warn(f"{what}; transformers expects 'pt' for torch weights", fname, fix="re-save with hf_storage")
+    odd = [e.name for e in h.entries.values() if (e.begin - h.data_start) % _itemsize(e.dtype)]
+    if odd:
+        rep.warn(f"tensors not aligned to their item size: {format_keys(odd)}", fname, fix="re-save with hf_storage")
+    huge = [e.name for e in h.entries.values() if any(d > _MAX_DIM for d in e.shape)]
+    for name in huge:
+        rep.problem(f"a dimension exceeds {_MAX_DIM}, which no torch tensor can have", fname, name, fix=_FIX_FILE)
+
+
+def _itemsize(dtype_name: str) -> int:
+    return dtypes.itemsize(dtypes.to_torch(dtype_name))
+
+
+def _check_listed(fname: str, h: header.Header, fqns: list[str], rep: Report) -> None:
+    for fqn in fqns:
+        if fqn not in h.entries:
+            rep.problem("the index places this tensor here, but the file does not hold it", fname, fqn,
+                        fix=f"correct the weight_map of {INDEX_NAME} or re-save")
+    if fqns:
+        extra = sorted(set(h.entries) - set(fqns), key=natural_key)
+        if extra:
+            rep.warn(f"holds tensors the index does not list for it (loaders skip them): {format_keys(extra)}",
+                     fname, fix="re-save, or add them to the weight_map")
+
+
+def _tensors(headers: dict[str, header.Header], listed: set[str] | None, rep: Report) -> dict[str, reader.TensorInfo]:
+    """The reader's assembly of stored pieces into tensors; on error, one problem per offending tensor."""
+    try:
+        return reader._collect(headers, listed)
+    except (CheckpointFormatError, ValueError, RecursionError) as first:
+        names = sorted({e.name for h in headers.values() for e in h.entries.values()
+                        if listed is None or e.name in listed}, key=natural_key)
+        out = {}
+        for name in names:
+            try:
+                out.update(reader._collect(headers, {name}))
+            except (CheckpointFormatError, ValueError, RecursionError) as e:
+                rep.problem(str(e), tensor=name, fix="re-save the checkpoint; each tensor must be stored once")
+        if len(out) == len(names):  # the failure was not tied to one tensor (e.g. malformed sharding info)
+            rep.problem(str(first), fix=_FIX_FILE)
+        return out
+
+
+def _check_pieces(tensors: dict[str, reader.TensorInfo], rep: Report) -> None:
+    """Pieces of a tensor (``DCP_SHARDING_INFO``) must not overlap; with the reader's count check that means
+    they tile it exactly. Without this a forged file could leave holes that load as uninitialised memory."""
+    for t in tensors.values():
+        boxes = [(c.file, c.offsets, c.shape) for c in t.chunks]
+        for i, (fa, oa, sa) in enumerate(boxes):
+            for fb, ob, sb in boxes[i + 1:]:
+                if math.prod(sa) and math.prod(sb) and all(
+                        max(a, b) < min(a + m, b + n) for a, m, b, n in zip(oa, sa, ob, sb, strict=True)):
+                    rep.problem(f"stored pieces at offsets {list(oa)} ({fa}) and {list(ob)} ({fb}) overlap, "
+                                "so others leave holes", fa, t.name, fix=_FIX_FILE)
+
+
+def _check_total_size(index: dict, rep: Report) -> None:
+    """``metadata.total_size``: the bytes of tensor data the index lists."""
+    total = index["metadata"].get("total_size")
+    if total is None:
+        rep.warn("index has no metadata.total_size", INDEX_NAME, fix="re-save with hf_storage")
+    elif not isinstance(total, int) or isinstance(total, bool) or total != rep.data_bytes:
+        rep.problem(f"metadata.total_size is {total!r} but the tensors hold {rep.data_bytes} bytes", INDEX_NAME,
+                    fix=_FIX_INDEX)
+
+
+def _recorded_checksums(index: dict | None, tensors: dict[str, reader.TensorInfo], rep: Report) -> dict[str, int]:
+    """``metadata.checksums`` validated: ``{"algorithm": "crc32", "tensors": {fqn: "%08x"}}``."""
+    if index is None:
+        return {}
+    block = index["metadata"].get("checksums")
+    if block is None:
+        rep.warn("index records no checksums; data integrity not checked", INDEX_NAME,
+                 fix="save with hf_storage (checksums=True) to record them")
+        return {}
+    if not (isinstance(block, dict) and isinstance(block.get("tensors"), dict)):
+        rep.problem("metadata.checksums must be {'algorithm': 'crc32', 'tensors': {fqn: hex}}", INDEX_NAME,
+                    fix=_FIX_INDEX)
+        return {}
+    if block.get("algorithm") != "crc32":
+        rep.warn(f"unknown checksum algorithm {block.get('algorithm')!r}; data integrity not checked", INDEX_NAME,
+                 fix="verify with the tool that wrote the checkpoint")
+        return {}
+    recorded = {}
+    for fqn, value in block["tensors"].items():
+        if isinstance(value, str) and _CRC_RE.match(value):
+            recorded[fqn] = int(value, 16)
+        else:
+            rep.problem(f"recorded checksum {value!r} is not 8 lowercase hex digits", INDEX_NAME, fqn, fix=_FIX_INDEX)
+    unknown = sorted(set(recorded) - set(tensors), key=natural_key)
+    if unknown:
+        rep.problem(f"checksums recorded for tensors the checkpoint does not hold: {format_keys(unknown)}",
+                    INDEX_NAME, fix=_FIX_INDEX)
+    missing = sorted(set(tensors) - set(block["tensors"]), key=natural_key)
+    if missing:
+        rep.warn(f"no checksum recorded for {format_keys(missing)}", INDEX_NAME, fix="re-save with hf_storage")
+    return {k: v for k, v in recorded.items() if k in tensors}
+
+
+def _check_checksums(directory: Path, tensors: dict[str, reader.TensorInfo], recorded: dict[str, int],
+                     rep: Report, block_bytes: int) -> None:
+    """Recompute each recorded CRC-32, file by file in data order, through one reused buffer."""
+    buf = memoryview(bytearray(max(1, block_bytes)))
+    by_file: dict[str, list[tuple[int, int, str]]] = {}
+    for name in recorded:
+        chunks = tensors[name].chunks
+        if len(chunks) != 1:
+            rep.warn(f"stored in {len(chunks)} pieces; its checksum is not checked", tensor=name)
+            continue
+        c = chunks[0]
+        nbytes = math.prod(c.shape) * dtypes.itemsize(c.dtype)
+        by_file.setdefault(c.file, []).append((c.begin, nbytes, name))
+    for fname in sorted(by_file, key=natural_key):
+        with _caught(rep, fname, _FIX_FILE):
+            fd = os.open(reader._confined(directory, fname), os.O_RDONLY)
+            try:
+                for begin, nbytes, name in sorted(by_file[fname]):
+                    got = _crc32(fd, begin, nbytes, buf)
+                    if got == recorded[name]:
+                        rep.checksummed += 1
+                    else:
+                        rep.problem(f"CRC-32 of its bytes [{begin}, {begin + nbytes}) is {got:08x}, the index "
+                                    f"records {recorded[name]:08x}: the data is corrupted", fname, name,
+                                    fix="restore this file from a good copy or re-save the checkpoint")
+            finally:
+                os.close(fd)
+
+
+def _crc32(fd: int, begin: int, nbytes: int, buf: memoryview) -> int:
+    crc, pos, end = 0, begin, begin + nbytes
+    while pos < end:
+        n = os.preadv(fd, [buf[:min(len(buf), end - pos)]], pos)
+        if n == 0:
+            raise CheckpointFormatError(f"file ends at byte {pos}, inside tensor data (truncated while verifying?)")
+        crc = zlib.crc32(buf[:n], crc)
+        pos += n
+    return crc
+
+
+def _cross_check(directory: Path, rep: Report) -> None:
+    """Belt and braces: a checkpoint verify passes must also open with the reader itself."""
+    with _caught(rep, None, "report this as an hf_storage bug: verify and the reader disagree"):
+        reader.open_checkpoint(directory)
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # unreachable
+
