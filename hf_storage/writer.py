@@ -229,12 +229,10 @@ class HuggingFaceStorageWriter(StorageWriter):
         except BaseException:
             _commit.abort(self._staging)
             raise
-        out = []
-        for p in plans:
-            mine = {it.index.fqn: (self.layout.tensors[it.index.fqn].file, self.layout.tensors[it.index.fqn].offset)
-                    for it in p.items}
-            out.append(dataclasses.replace(p, storage_data=_PlanData(str(self._staging), mine)))
-        return out
+        where = {n: (t.file, t.offset) for n, t in self.layout.tensors.items()}
+        staging = str(self._staging)
+        return [dataclasses.replace(p, storage_data=_PlanData(staging, {it.index.fqn: where[it.index.fqn] for it in p.items}))
+                for p in plans]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         data: _PlanData = plan.storage_data
@@ -273,19 +271,25 @@ class HuggingFaceStorageWriter(StorageWriter):
 
 
 def specs_from_plans(plans: list[SavePlan]) -> dict[str, TensorSpec]:
-    """Global tensor specs from every rank's write items; refuses non-tensor entries, all named at once."""
-    specs: dict[str, TensorSpec] = {}
+    """Global tensor specs from every rank's write items; refuses non-tensor entries, all named at once.
+
+    Linear in the number of write items, with one comparison per item after the first sighting of an FQN
+    (this runs on the coordinator over ranks x tensors items).
+    """
+    seen: dict[str, tuple[torch.dtype, torch.Size]] = {}
     not_tensors: set[str] = set()
     conflicts: set[str] = set()
     for p in plans:
         for it in p.items:
-            fqn = it.index.fqn
-            if it.type == WriteItemType.BYTE_IO or it.tensor_data is None:
-                not_tensors.add(fqn)
+            td = it.tensor_data
+            if td is None or it.type == WriteItemType.BYTE_IO:
+                not_tensors.add(it.index.fqn)
                 continue
-            s = TensorSpec(fqn, it.tensor_data.properties.dtype, tuple(it.tensor_data.size))
-            if specs.setdefault(fqn, s) != s:
-                conflicts.add(fqn)
+            prev = seen.get(it.index.fqn)
+            if prev is None:
+                seen[it.index.fqn] = (td.properties.dtype, td.size)
+            elif prev[0] != td.properties.dtype or prev[1] != td.size:
+                conflicts.add(it.index.fqn)
     if not_tensors:
         raise UnsupportedEntryError(
             f"the safetensors format stores tensors only; these state dict entries are not tensors: "
@@ -294,5 +298,4 @@ def specs_from_plans(plans: list[SavePlan]) -> dict[str, TensorSpec]:
         )
     if conflicts:
         raise HFStorageError(f"ranks disagree on the shape or dtype of {format_keys(sorted(conflicts))}")
-    return specs
-
+    return {fqn: TensorSpec(fqn, dt, tuple(size)) for fqn, (dt, size) in seen.items()}
