@@ -1,0 +1,107 @@
+"""Save a sharded model as a Hugging Face checkpoint, every rank writing its own shards in one pass.
+
+    torchrun --nproc-per-node=8 -m launcher.save +model=llama output.dir=/ckpt/step-1000
+    torchrun --standalone --nproc-per-node=2 -m launcher.save +model=llama output.dir=$PWD/outputs/demo-llama \
+        output.overwrite=replace
+    torchrun --nproc-per-node=8 -m launcher.save +model=llama3_8b parallel=fsdp_tp parallel.tp=4 seed=1 \
+        output.dir=/ckpt/rand output.max_shard_size=2GB output.dtype=bfloat16
+    torchrun --nproc-per-node=8 -m launcher.save +model=llama3_8b source=dcp source.path=/runs/titan/step-1000 \
+        output.dir=/ckpt/hf
+    python -m launcher.save +model=tiny output.dir=/tmp/tiny          # one process, no torchrun
+
+Steps: compose the config (Hydra; ``configs/save.yaml``) -> check the world against torchrun's
+environment -> choose the device (NVML/CUDA or CPU) -> init the process group (NCCL on GPU, gloo on CPU)
+-> build the sharded state from ``source`` (random | dcp | hf) -> ``hf_storage.save`` with ``config.json``
+-> rank 0 prints the summary. The run directory (``outputs/save/<torchrun run id>``, or ``$LAUNCHER_RUN_DIR``)
+is the same on every rank; only rank 0 writes ``.hydra/`` and ``save.log`` there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import hydra
+import torch
+from torch.distributed.tensor import DTensor, Replicate
+
+import hf_storage
+
+from . import config as _config  # noqa: F401  (registers the schemas and resolvers before Hydra composes)
+from . import session
+from .config import Overwrite, SourceKind
+from .models import dtype_name, hf_config, param_specs, parse_dtype
+from .sources import build_state
+
+log = logging.getLogger("launcher.save")
+
+
+@dataclass(frozen=True)
+class SaveReport:
+    summary: hf_storage.SaveSummary
+    build_seconds: float
+    peaks: list[dict] | None  # rank 0 only
+
+    def line(self) -> str:
+        s = self.summary
+        rate = s.total_bytes / s.seconds / 1e9 if s.seconds > 0 else float("inf")
+        text = (f"saved {s.tensors} tensors in {s.files} files, {s.total_bytes / 1e9:.3f} GB to {s.path} in "
+                f"{s.seconds:.2f} s ({rate:.2f} GB/s); built the state in {self.build_seconds:.2f} s")
+        return text + ("; " + session.memory_line(self.peaks) if self.peaks else "")
+
+
+def output_dtype(cfg) -> torch.dtype:
+    if cfg.output.dtype:
+        return parse_dtype(cfg.output.dtype, "output.dtype")
+    return parse_dtype(cfg.model.torch_dtype, "model.torch_dtype")
+
+
+def bytes_written_here(state: dict[str, DTensor]) -> int:
+    """What this rank will write: its shards, replicas only at coordinate 0 of replicated mesh dims."""
+    total = 0
+    for t in state.values():
+        coord = t.device_mesh.get_coordinate() or []
+        if all(c == 0 for c, p in zip(coord, t.placements, strict=True) if isinstance(p, Replicate)):
+            total += t.to_local().numel() * t.element_size()
+    return total
+
+
+def write(cfg, state: dict[str, DTensor], out: str, dtype: torch.dtype, show: bool) -> hf_storage.SaveSummary:
+    extra = {"config.json": json.dumps(hf_config(cfg.model, dtype), indent=2) + "\n"}
+    with session.byte_progress(bytes_written_here(state), show, "rank 0 writing") as progress:
+        return hf_storage.save(
+            state, out, max_shard_size=cfg.output.max_shard_size, thread_count=int(cfg.output.thread_count),
+            durable=bool(cfg.output.durable), overwrite=Overwrite(cfg.output.overwrite) is Overwrite.replace,
+            extra_files=extra, progress=progress)
+
+
+def run(cfg) -> SaveReport:
+    """The whole save on this rank; returns the report (with every rank's peaks on rank 0)."""
+    session.require_model(cfg)
+    out = os.path.abspath(session.require(cfg, "output.dir", "/path/to/checkpoint"))
+    dtype = output_dtype(cfg)
+    specs = param_specs(cfg.model)
+    with session.start(cfg, specs, dtype.itemsize) as s:
+        if s.is_rank0:
+            log.info("saving %d tensors (%s, source=%s) to %s", len(specs), dtype_name(dtype),
+                     SourceKind(cfg.source.kind).value, out)
+        t0 = time.perf_counter()
+        state = build_state(cfg, specs, s.par, dtype, s.place.threads)
+        built = time.perf_counter() - t0
+        summary = write(cfg, state, out, dtype, s.is_rank0)
+        report = SaveReport(summary, built, session.gather_peaks(s.place.device))
+    if s.is_rank0:
+        log.info(report.line())
+    return report
+
+
+@hydra.main(config_path="../configs", config_name="save", version_base="1.3")
+def main(cfg) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""What both apps do around their work: check the config, place the rank, hold the process group, report.
+
+    with session.start(cfg, specs, itemsize) as s:   # world check, device, process group, device mesh
+        ...                                          # s.info, s.place, s.par
+    line = session.memory_line(session.gather_peaks(s.place.device))
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from . import placement
+from .dist import (
+    Parallel,
+    WorldInfo,
+    check_world,
+    gather_to_rank0,
+    local_bytes_estimate,
+    make_parallel,
+    process_group,
+    resolve_degrees,
+    world_from_env,
+)
+from .models import ParamSpec, check_model
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A required config value is missing or unusable; the message gives the override that fixes it."""
+
+
+def model_options() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+
+
+def require_model(cfg) -> None:
+    if "model" not in cfg or cfg.model is None:
+        raise ConfigError(f"no model chosen: add +model=NAME to the command line, NAME one of "
+                          f"{', '.join(model_options())} (e.g. +model=llama)")
+    check_model(cfg.model)
+
+
+def require(cfg, key: str, example: str) -> str:
+    """The value of the dotted ``key``; a clear error if it is missing (``???``) or empty."""
+    node, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, node) if node else cfg
+    if parent is None or OmegaConf.is_missing(parent, leaf) or not parent[leaf]:
+        raise ConfigError(f"{key} is required: add {key}={example} to the command line")
+    return str(parent[leaf])
+
+
+@dataclass
+class Session:
+    info: WorldInfo
+    place: placement.Placement
+    par: Parallel
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.info.rank == 0
+
+
+@contextmanager
+def start(cfg, specs: list[ParamSpec], itemsize: int) -> Iterator[Session]:
+    """Check the world, choose this rank's device, init the process group (destroyed on every exit path)."""
+    info = world_from_env()
+    check_world(cfg.world, info)
+    dp, tp = resolve_degrees(cfg.parallel, info.world_size, cfg.model)
+    need = local_bytes_estimate(specs, itemsize, dp, tp)
+    place = placement.choose(cfg.placement, info.local_rank, info.local_world_size or 1, need)
+    if place.device.type == "cpu":
+        torch.set_num_threads(1)  # parallel work goes to place.threads coarse-grained workers instead
+    if info.rank == 0:
+        log.info("%d rank(s) on %d node(s), device %s (%s), mesh dp=%d tp=%d", info.world_size,
+                 info.nnodes or 1, place.device.type, place.backend, dp, tp)
+    with process_group(info, place.backend, float(cfg.world.timeout_s), place.device):
+        yield Session(info, place, make_parallel(place.device_type, dp, tp))
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+
+
+@contextmanager
+def byte_progress(total: int, enabled: bool, desc: str):
+    """A tqdm bar of bytes on rank 0 (hidden when stderr is not a terminal); yields its update callback."""
+    if not enabled:
+        yield None
+        return
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None, leave=False)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+def peak_memory(device: torch.device) -> dict:
+    peaks = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux reports KiB
+    if device.type == "cuda":
+        peaks["cuda"] = torch.cuda.max_memory_allocated(device)
+    return peaks
+
+
+def gather_peaks(device: torch.device) -> list[dict] | None:
+    return gather_to_rank0(peak_memory(device))
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _per_rank(values: list[int]) -> str:
+    if len(values) <= 8:
+        return ", ".join(f"r{r} {human(v)}" for r, v in enumerate(values))
+    worst = max(range(len(values)), key=values.__getitem__)
+    return f"min {human(min(values))}, median {human(statistics.median(values))}, max {human(values[worst])} (r{worst})"
+
+
+def memory_line(peaks: list[dict]) -> str:
+    line = "peak RSS per rank: " + _per_rank([p["rss"] for p in peaks])
+    if all("cuda" in p for p in peaks):
+        line += "; peak CUDA allocated per rank: " + _per_rank([p["cuda"] for p in peaks])
+    return line
+
+
