@@ -152,8 +152,6 @@ def compose_job(overrides: Sequence[str], config_dir: str | os.PathLike = CONFIG
 
 def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> int:
     value = OmegaConf.select(cfg, key)
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise JobConfigError(f"{key}={value!r} is invalid: it must be an integer >= {minimum}; "
                              f"pass {key}=N on the command line")
@@ -239,6 +237,8 @@ def slurm_torchrun(job: Job) -> list[list[str]]:
 def render_slurm(job: Job) -> str:
     c = job.cluster
     _no_space(job, "job_name", "partition", "account", "time", "mem", "workdir", "log")
+    if any(re.search(r"[\r\n]", o) for o in c.sbatch):
+        raise JobConfigError(f"cluster.sbatch={list(c.sbatch)!r}: an #SBATCH option cannot span lines")
     opts = [f"--job-name={c.job_name}", f"--nodes={job.nnodes}", "--ntasks-per-node=1"]
     opts += [f"--gpus-per-node={c.gpus_per_node}"] if c.gpus_per_node else []
     opts += [f"--cpus-per-task={c.cpus_per_task}"] if c.cpus_per_task else []

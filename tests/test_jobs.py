@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -89,6 +90,34 @@ def test_slurm_cpu_nodes_and_custom_launcher(tmp_path, fake_bin):
                       SLURM_JOB_NODELIST="node-[a-d]")
     assert "--cpus-per-task=32" in argv["srun"]  # srun does not inherit it from sbatch
     assert argv["torchrun"][3] == "--rdzv-endpoint=node-a:29601"
+
+
+@pytest.mark.slow
+def test_slurm_script_runs_launcher_save_on_two_nodes(tmp_path):
+    """The real thing minus Slurm: ``srun`` starts the script's torchrun once per "node" on this host; the two
+    agents meet in the c10d rendezvous on the first host and ``launcher.save`` writes one checkpoint."""
+    from tests.dist_utils import free_port
+
+    out = tmp_path / "ckpt"
+    script = tmp_path / "job.sbatch"
+    script.write_text(render("cluster=slurm", "world.nnodes=2", "world.nproc_per_node=1", "+model=tiny",
+                             f"output.dir={out}", f"cluster.rdzv_port={free_port()}", "cluster.gpus_per_node=0"))
+    b = tmp_path / "bin"
+    b.mkdir()
+    stubs = {"scontrol": 'printf "127.0.0.1\\n127.0.0.2\\n"',
+             "srun": 'while [[ "$1" == --* ]]; do shift; done\n'
+                     'for i in $(seq "$SLURM_NNODES"); do "$@" > "node$i.log" 2>&1 & done\n'
+                     'rc=0; for p in $(jobs -p); do wait "$p" || rc=$?; done; exit $rc',
+             "torchrun": f'exec {shlex.quote(sys.executable)} -m torch.distributed.run "$@"'}
+    for name, body in stubs.items():
+        (b / name).write_text("#!/bin/bash\n" + body + "\n")
+        (b / name).chmod(0o755)
+    env = {"PATH": f"{b}:/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HOME": str(tmp_path),
+           "SLURM_NNODES": "2", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node-[1-2]"}
+    done = subprocess.run(["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    logs = "".join((tmp_path / f"node{i}.log").read_text() for i in (1, 2) if (tmp_path / f"node{i}.log").exists())
+    assert done.returncode == 0, f"{done.stdout}{done.stderr}{logs}"
+    assert (out / "model.safetensors.index.json").is_file() and (out / "config.json").is_file()
 
 
 # ------------------------------------------------------------------------------------------------ kubernetes
