@@ -144,7 +144,7 @@ def inspect(path: str | os.PathLike) -> list[Row]:
             f" (and {len(rep.problems) - 1} more problems; run `python -m hf_storage verify`)" if len(rep.problems) > 1 else ""))
     ckpt = reader.open_checkpoint(path)
     rows = []
-    for fname in sorted(ckpt.files, key=natural_key):
+    for fname in sorted(ckpt.files, key=_order):
         for e in sorted(ckpt.files[fname].entries.values(), key=lambda e: e.begin):
             rows.append(Row(fname, e.name, e.dtype, e.shape, e.nbytes))
     return rows
@@ -217,7 +217,7 @@ def _warn_stray_files(directory: Path, named: set[str], rep: Report) -> None:
 def _headers(directory: Path, wanted: dict[str, list[str]], rep: Report) -> dict[str, header.Header]:
     """Each file's validated header (the reader's own checks), then what the index says it holds."""
     headers = {}
-    for fname in sorted(wanted, key=natural_key):
+    for fname in sorted(wanted, key=_order):
         with _caught(rep, fname, _FIX_FILE):
             path = reader._confined(directory, fname)
             _require_regular(path, fname)
@@ -260,6 +260,12 @@ def _check_conformance(path: Path, fname: str, h: header.Header, rep: Report) ->
         rep.problem(f"a dimension exceeds {_MAX_DIM}, which no torch tensor can have", fname, name, fix=_FIX_FILE)
 
 
+def _order(name: str) -> tuple:
+    """Natural order for names from an untrusted file: ``natural_key`` with a tie-break, and no int() of
+    digit runs longer than Python converts (a forged 5000-digit name would raise ValueError)."""
+    return (1, (), name) if len(name) > 600 else (0, natural_key(name), name)
+
+
 def _itemsize(dtype_name: str) -> int:
     return dtypes.itemsize(dtypes.to_torch(dtype_name))
 
@@ -270,7 +276,7 @@ def _check_listed(fname: str, h: header.Header, fqns: list[str], rep: Report) ->
             rep.problem("the index places this tensor here, but the file does not hold it", fname, fqn,
                         fix=f"correct the weight_map of {INDEX_NAME} or re-save")
     if fqns:
-        extra = sorted(set(h.entries) - set(fqns), key=natural_key)
+        extra = sorted(set(h.entries) - set(fqns), key=_order)
         if extra:
             rep.warn(f"holds tensors the index does not list for it (loaders skip them): {format_keys(extra)}",
                      fname, fix="re-save, or add them to the weight_map")
@@ -282,7 +288,7 @@ def _tensors(headers: dict[str, header.Header], listed: set[str] | None, rep: Re
         return reader._collect(headers, listed)
     except (CheckpointFormatError, ValueError, RecursionError) as first:
         names = sorted({e.name for h in headers.values() for e in h.entries.values()
-                        if listed is None or e.name in listed}, key=natural_key)
+                        if listed is None or e.name in listed}, key=_order)
         out = {}
         for name in names:
             try:
@@ -340,11 +346,11 @@ def _recorded_checksums(index: dict | None, tensors: dict[str, reader.TensorInfo
             recorded[fqn] = int(value, 16)
         else:
             rep.problem(f"recorded checksum {value!r} is not 8 lowercase hex digits", INDEX_NAME, fqn, fix=_FIX_INDEX)
-    unknown = sorted(set(recorded) - set(tensors), key=natural_key)
+    unknown = sorted(set(recorded) - set(tensors), key=_order)
     if unknown:
         rep.problem(f"checksums recorded for tensors the checkpoint does not hold: {format_keys(unknown)}",
                     INDEX_NAME, fix=_FIX_INDEX)
-    missing = sorted(set(tensors) - set(block["tensors"]), key=natural_key)
+    missing = sorted(set(tensors) - set(block["tensors"]), key=_order)
     if missing:
         rep.warn(f"no checksum recorded for {format_keys(missing)}", INDEX_NAME, fix="re-save with hf_storage")
     return {k: v for k, v in recorded.items() if k in tensors}
@@ -363,7 +369,7 @@ def _check_checksums(directory: Path, tensors: dict[str, reader.TensorInfo], rec
         c = chunks[0]
         nbytes = math.prod(c.shape) * dtypes.itemsize(c.dtype)
         by_file.setdefault(c.file, []).append((c.begin, nbytes, name))
-    for fname in sorted(by_file, key=natural_key):
+    for fname in sorted(by_file, key=_order):
         with _caught(rep, fname, _FIX_FILE):
             fd = os.open(reader._confined(directory, fname), os.O_RDONLY)
             try:

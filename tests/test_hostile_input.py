@@ -372,3 +372,14 @@ def test_verify_on_bad_path_and_stray_files(saved, tmp_path: Path):
     report = verify(path)
     assert report.ok and "files the index does not name" in report.format()
 
+
+
+def test_odd_but_valid_names_pass(ckpt_dir: Path):
+    """Legal but odd: a 5000-digit tensor name (more digits than Python's int() converts), an empty name.
+    Sorting names for the report must not choke on them."""
+    long = "layer." + "7" * 5000
+    head = {"__metadata__": {"format": "pt"}, long: entry(), "": entry(offsets=(8, 16))}
+    indexed({long: F1, "": F1}, {F1: st_bytes(head, DATA * 2)})(ckpt_dir)
+    assert set(open_checkpoint(ckpt_dir).tensors) == {long, ""}
+    report = verify(ckpt_dir)
+    assert report.ok, report.format()
