@@ -84,16 +84,19 @@ def decode(raw: bytes, file_size: int, label: str = "header") -> Header:
     data_start = 8 + len(raw)
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointFormatError(f"{label}: header is not valid UTF-8 JSON ({e})") from None
     except _DuplicateKey as e:
         raise CheckpointFormatError(f"{label}: header names {e.args[0]!r} twice") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, integers past Python's digit limit
+        raise CheckpointFormatError(f"{label}: header is not valid UTF-8 JSON ({e})") from None
     if not isinstance(obj, dict):
         raise CheckpointFormatError(f"{label}: header must be a JSON object, got {type(obj).__name__}")
     metadata = _check_metadata(obj.pop("__metadata__", {}), label)
     entries = {name: _check_entry(name, value, data_start, label) for name, value in obj.items()}
     _check_tiling(entries, data_start, file_size, label)
     return Header(entries, metadata, data_start, file_size)
+
+
+_MAX_DIM = 2**63 - 1  # torch.Size holds int64
 
 
 class _DuplicateKey(Exception):
@@ -135,6 +138,8 @@ def _check_entry(name: str, value, data_start: int, label: str) -> TensorEntry:
         raise CheckpointFormatError(f"{where}: dtype must be a string, got {dtype!r}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise CheckpointFormatError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if any(d > _MAX_DIM for d in shape):
+        raise CheckpointFormatError(f"{where}: a dimension of shape {shape!r} exceeds {_MAX_DIM}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
         raise CheckpointFormatError(f"{where}: data_offsets must be two integers, got {offsets!r}")
     begin, end = offsets

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,7 @@ def _read_index(directory: Path) -> dict:
         raise CheckpointFormatError(f"{path}: {size} bytes exceeds the {MAX_INDEX_BYTES}-byte limit for an index")
     try:
         index = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, integers past Python's digit limit
         raise CheckpointFormatError(f"{path}: not valid UTF-8 JSON ({e})") from None
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise CheckpointFormatError(f"{path}: must be a JSON object with a 'weight_map' object")
@@ -99,12 +100,15 @@ def _read_index(directory: Path) -> dict:
 
 
 def _read_header(path: Path, name: str) -> header.Header:
-    try:
-        fd = os.open(path, os.O_RDONLY)
+    try:  # O_NONBLOCK: a FIFO planted in place of a file must not block the open
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise CheckpointFormatError(f"checkpoint file {name!r} is missing from {path.parent}") from None
     try:
-        return header.read(fd, os.fstat(fd).st_size, str(path))
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointFormatError(f"checkpoint file {name!r} is not a regular file")
+        return header.read(fd, st.st_size, str(path))
     finally:
         os.close(fd)
 
@@ -116,7 +120,7 @@ def _sharding_info(h: header.Header, name: str) -> dict[str, tuple[int, ...]]:
     try:
         info = json.loads(raw)
         out = {k: tuple(v["saved_offsets"]) for k, v in info.items()}
-    except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
+    except (ValueError, RecursionError, TypeError, KeyError, AttributeError) as e:
         raise CheckpointFormatError(f"{name}: malformed {_SHARDING_KEY} metadata ({e})") from None
     for k, offs in out.items():
         if k in h.entries and (len(offs) != len(h.entries[k].shape) or
@@ -178,8 +182,22 @@ def _collect(files: dict[str, header.Header], listed: set[str] | None) -> dict[s
         stored = sum(math.prod(c.shape) for c in chunks)
         if stored != math.prod(shape):
             raise CheckpointFormatError(f"the pieces of tensor {name!r} do not tile its shape {list(shape)}")
+        _check_disjoint(name, chunks)
         tensors[name] = TensorInfo(name, chunks[0].dtype, shape, tuple(chunks))
     return tensors
+
+
+def _check_disjoint(name: str, chunks: list[StoredChunk]) -> None:
+    """Pieces must not overlap: with equal volume, an overlap would hide a hole of unwritten memory."""
+    if len(chunks) < 2 or not chunks[0].shape:
+        return
+    order = sorted(chunks, key=lambda c: c.offsets)
+    for i, a in enumerate(order):
+        for b in order[i + 1:]:
+            if b.offsets[0] >= a.offsets[0] + a.shape[0]:
+                break
+            if all(bo < ao + as_ and ao < bo + bs for ao, as_, bo, bs in zip(a.offsets, a.shape, b.offsets, b.shape)):
+                raise CheckpointFormatError(f"pieces of tensor {name!r} in {a.file} and {b.file} overlap")
 
 
 def to_metadata(ckpt: Checkpoint) -> Metadata:
