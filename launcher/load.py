@@ -86,7 +86,7 @@ def mismatches(cfg, state: dict[str, DTensor], specs: list[ParamSpec], par: Para
 
 def run(cfg) -> LoadReport:
     """The whole load on this rank; raises :class:`CompareError` on every rank if any rank mismatched."""
-    session.require_model(cfg)
+    session.check_config(cfg, session.GROUPS)
     path = os.path.abspath(session.require(cfg, "source.path", "/path/to/checkpoint"))
     mode = compare_mode(cfg)
     specs = param_specs(cfg.model)

@@ -80,7 +80,7 @@ def write(cfg, state: dict[str, DTensor], out: str, dtype: torch.dtype, show: bo
 
 def run(cfg) -> SaveReport:
     """The whole save on this rank; returns the report (with every rank's peaks on rank 0)."""
-    session.require_model(cfg)
+    session.check_config(cfg, session.GROUPS + ("output",))
     out = os.path.abspath(session.require(cfg, "output.dir", "/path/to/checkpoint"))
     dtype = output_dtype(cfg)
     specs = param_specs(cfg.model)

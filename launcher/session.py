@@ -41,15 +41,26 @@ class ConfigError(ValueError):
     """A required config value is missing or unusable; the message gives the override that fixes it."""
 
 
-def model_options() -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+def options_of(group: str) -> list[str]:
+    """The YAML options of a config group (``configs/<group>/*.yaml``)."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
-def require_model(cfg) -> None:
+GROUPS = ("world", "placement", "parallel", "source")
+
+
+def check_config(cfg, groups=GROUPS) -> None:
+    """A model is chosen and valid, every group the app reads is there, ``seed`` is an integer."""
     if "model" not in cfg or cfg.model is None:
         raise ConfigError(f"no model chosen: add +model=NAME to the command line, NAME one of "
-                          f"{', '.join(model_options())} (e.g. +model=llama)")
+                          f"{', '.join(options_of('model'))} (e.g. +model=llama)")
     check_model(cfg.model)
+    gone = [g for g in groups if g not in cfg or cfg[g] is None]
+    if gone:
+        options = "; ".join(f"{g}={'|'.join(options_of(g))}" for g in gone)
+        raise ConfigError(f"the config has no {', '.join(gone)} (removed with ~GROUP?); choose one: {options}")
+    if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
+        raise ConfigError(f"seed={cfg.get('seed')!r} must be an integer: pass seed=INT")
 
 
 def require(cfg, key: str, example: str) -> str:
