@@ -80,8 +80,9 @@ class Layout:
 
 
 def natural_key(name: str) -> tuple:
-    """Sort key that orders digit runs numerically: ``layers.2`` < ``layers.10``."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name) if p)
+    """Sort key that orders digit runs numerically: ``layers.2`` < ``layers.10``; ties (``a01``/``a1``) by name."""
+    parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name) if p)
+    return parts + ((2, 0, name),)
 
 
 def parse_size(value: int | str | None) -> int | None:

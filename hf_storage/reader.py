@@ -77,9 +77,18 @@ def _confined(directory: Path, name: object) -> Path:
         raise CheckpointFormatError(f"index names file {name!r} outside the checkpoint directory")
     path = directory / name
     real, root = os.path.realpath(path), os.path.realpath(directory)
-    if os.path.commonpath([real, root]) != root:
+    if os.path.commonpath([real, root]) != root and not _in_hub_blobs(directory, real):
         raise CheckpointFormatError(f"file {name!r} resolves to {real}, outside the checkpoint directory {root}")
     return path
+
+
+def _in_hub_blobs(directory: Path, real: str) -> bool:
+    """The Hugging Face download cache links ``snapshots/<rev>/f`` to ``../../blobs/<hash>``: allowed, only that."""
+    d = Path(os.path.abspath(directory))
+    if d.parent.name != "snapshots":
+        return False
+    blobs = os.path.realpath(d.parent.parent / "blobs")
+    return os.path.commonpath([real, blobs]) == blobs and os.path.dirname(real) == blobs
 
 
 def _read_index(directory: Path) -> dict:
@@ -104,6 +113,8 @@ def _read_header(path: Path, name: str) -> header.Header:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise CheckpointFormatError(f"checkpoint file {name!r} is missing from {path.parent}") from None
+    except OSError as e:  # symlink loops, a path through a file, permissions
+        raise CheckpointFormatError(f"checkpoint file {name!r} cannot be opened: {e.strerror}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

@@ -167,7 +167,7 @@ def test_read_never_allocates_a_claimed_length(claimed, body):
 
 # --- (b) layout planner -------------------------------------------------------------------------------
 
-# Names like ``layers.3.mlp``; leading zeros excluded here (see the xfail below for why).
+# Names like ``layers.3.mlp``; names that tie numerically (``a01``/``a1``) have their own test below.
 fqns = st.from_regex(r"[a-z]{1,3}(\.(0|[1-9][0-9]?)){0,2}(\.[a-z]{1,2})?", fullmatch=True)
 
 
@@ -231,8 +231,6 @@ def _check_size_policy(lay, limit: int) -> None:
         assert used[i] + lay.tensors[first_next].spec.nbytes > limit
 
 
-@pytest.mark.xfail(strict=True, reason="layout.plan/_build sort by natural_key alone; 'a01' and 'a1' tie, so the "
-                   "layout depends on input order. Fix: tie-break with the name: key=(natural_key(n), n)")
 def test_layout_ignores_input_order_for_names_that_tie_naturally():
     specs = [TensorSpec("a01", torch.float32, (3,)), TensorSpec("a1", torch.float32, (5,))]
     assert _signature(plan(specs)) == _signature(plan(specs[::-1]))

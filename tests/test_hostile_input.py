@@ -7,7 +7,8 @@ run against four entry points: ``open_checkpoint``, ``hf_storage.load``, the DCP
 test instead of stalling or exhausting the machine. A case the reader gets wrong carries ``bug=`` (the
 fix, in words) and runs as a strict xfail until fixed; the seven found so far (digit-limit integers in a
 header, an index or DCP_SHARDING_INFO, nested JSON there, a directory or FIFO named as a file,
-overlapping pieces hiding a hole, dimensions past int64) are fixed and run as plain cases.
+overlapping pieces hiding a hole, dimensions past int64) and three more (symlink loops and paths through
+a file escaping as bare OSError, hub-cache snapshots refused) are fixed and run as plain cases.
 """
 
 from __future__ import annotations
@@ -90,10 +91,6 @@ def symlink_loop(d: Path) -> None:
     os.symlink("a.safetensors", d / "b.safetensors")
     indexed({"a": "a.safetensors"}, {})(d)
 
-
-_OPEN_ERRORS = ("reader._read_header: only FileNotFoundError becomes CheckpointFormatError; ELOOP, ENOTDIR, EACCES "
-                "escape as bare OSError. Fix: catch OSError around os.open and raise CheckpointFormatError naming "
-                "the file and the strerror")
 
 
 def fifo(d: Path) -> None:
@@ -193,10 +190,9 @@ CASES = [
     Case("weight-map-names-directory", both(lambda d: (d / "sub").mkdir(), indexed({"a": "sub"}, {})),
          "'sub' is not a regular file"),
     Case("fifo-instead-of-file", fifo, "is not a regular file"),
-    Case("symlink-loop", symlink_loop, "checkpoint file 'a.safetensors'", verify_match="PROBLEM  a.safetensors: ",
-         bug=_OPEN_ERRORS),
+    Case("symlink-loop", symlink_loop, "checkpoint file 'a.safetensors'", verify_match="PROBLEM  a.safetensors: "),
     Case("path-through-a-file", indexed({"a": F1 + "/x.safetensors"}, {F1: st_bytes(GOOD)}),
-         f"checkpoint file '{F1}/x.safetensors'", verify_match=f"PROBLEM  {F1}/x.safetensors: ", bug=_OPEN_ERRORS),
+         f"checkpoint file '{F1}/x.safetensors'", verify_match=f"PROBLEM  {F1}/x.safetensors: "),
     # --- torch-writer shard files (DCP_SHARDING_INFO, no index)
     Case("sharding-info-not-json", single({"__metadata__": {"DCP_SHARDING_INFO": "{oops"}, "a": entry()}),
          "malformed DCP_SHARDING_INFO"),
@@ -407,10 +403,6 @@ def test_file_truncated_after_the_headers_were_read(saved):
     assert "PROBLEM" in verify(path).format()
 
 
-@pytest.mark.xfail(strict=True, reason="reader._confined refuses every file of a huggingface_hub cache snapshot: "
-                   "snapshots/<rev>/<file> are symlinks to ../../blobs/<hash>, outside the directory. Fix: in "
-                   "_confined, also accept a realpath inside directory.parent.parent / 'blobs' when "
-                   "directory.parent.name == 'snapshots' (the hub cache layout), still refusing anything else")
 def test_huggingface_hub_cache_snapshot_loads(tmp_path: Path):
     src = tmp_path / "src"
     hf_storage.save({"w": torch.arange(6.0)}, src, thread_count=1)
