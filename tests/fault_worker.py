@@ -12,6 +12,9 @@ changed). ``--fault POINT:ACTION`` on ``--fault-rank``:
             write   in the write phase, after this rank's first data ``pwrite`` (``_io.pwrite_all``)
             report  after this rank's ``write_chunks`` returned, before it reports to rank 0
             publish on entry to ``commit.publish`` (rank 0 only: every file and the index are staged)
+            swap    inside ``commit.publish`` on a filesystem without ``renameat2(RENAME_EXCHANGE)`` (NFS,
+                    Lustre): after the old directory was renamed to ``.<name>.old``, before the staging
+                    directory is renamed into place (rank 0 only)
     ACTION  kill    SIGKILL this process
             enospc  raise OSError(ENOSPC) (from the pwrite at ``write``)
             error   raise RuntimeError (a plain Python failure)
@@ -130,10 +133,28 @@ class Fault:
             self.fire("publish")
             return publish(*a, **k)
 
+        if self.point == "swap":
+            hcommit._exchange = lambda a, b: False  # renameat2(RENAME_EXCHANGE) unsupported here
+            hcommit.os = _RenameHook(lambda dst: self.fire("swap") if str(dst).endswith(".old") else None)
+
         hapi.create_files = hwriter.create_files = create_files
         hapi.write_chunks = hwriter.write_chunks = chunks
         hio.pwrite_all = pwrite
         hcommit.publish = publish_
+
+
+class _RenameHook:
+    """Stands in for ``os`` inside hf_storage.commit only: ``rename`` calls ``after(dst)`` once it is done."""
+
+    def __init__(self, after):
+        self._after = after
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def rename(self, src, dst, *a, **k):
+        os.rename(src, dst, *a, **k)
+        self._after(dst)
 
 
 def parse_args(argv=None):
