@@ -91,13 +91,17 @@ def start(cfg, specs: list[ParamSpec], itemsize: int) -> Iterator[Session]:
     dp, tp = resolve_degrees(cfg.parallel, info.world_size, cfg.model)
     need = local_bytes_estimate(specs, itemsize, dp, tp)
     place = placement.choose(cfg.placement, info.local_rank, info.local_world_size or 1, need)
-    if place.device.type == "cpu":
-        torch.set_num_threads(1)  # parallel work goes to place.threads coarse-grained workers instead
     if info.rank == 0:
         log.info("%d rank(s) on %d node(s), device %s (%s), mesh dp=%d tp=%d", info.world_size,
                  info.nnodes or 1, place.device.type, place.backend, dp, tp)
-    with process_group(info, place.backend, float(cfg.world.timeout_s), place.device):
-        yield Session(info, place, make_parallel(place.device_type, dp, tp))
+    threads = torch.get_num_threads()
+    if place.device.type == "cpu":
+        torch.set_num_threads(1)  # parallel work goes to place.threads coarse-grained workers instead
+    try:
+        with process_group(info, place.backend, float(cfg.world.timeout_s), place.device):
+            yield Session(info, place, make_parallel(place.device_type, dp, tp))
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------ reporting

@@ -1,0 +1,150 @@
+"""End to end, as users run it: torchrun save at 4 and 2 ranks, load at another world size, transformers reads it.
+
+- ``torchrun --nproc-per-node=4 -m launcher.save parallel=fsdp_tp`` and the one-rank app (no torchrun)
+  with the same seed write byte-identical files;
+- ``launcher.load`` at 2 ranks reads the 4-rank checkpoint and compares it with the random init; the 2-rank
+  tied-embedding bf16 save loads at 1 rank; a wrong seed makes ``python -m launcher.load`` exit non-zero;
+- ``AutoModelForCausalLM.from_pretrained`` gives exactly the saved weights;
+- one run directory for all ranks, with ``.hydra/`` and the log file from rank 0 only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from launcher.models import param_specs
+from launcher.sources import random_local
+from tests.launcher_utils import files_of, python_cmd, run, torchrun_cmd
+
+SEED = 7
+TINY = ["+model=tiny", f"seed={SEED}", "output.max_shard_size=100KB"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="module")
+def four_ranks(work):
+    """torchrun 4 ranks, 2-D mesh (dp=2, tp=2); its stdout for the logging checks."""
+    out = run(torchrun_cmd("launcher.save", 4, *TINY, "parallel=fsdp_tp", f"output.dir={work / 'ws4'}"), cwd=work)
+    return work / "ws4", out.stdout + out.stderr
+
+
+def compose_app(app: str, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from launcher.session import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(app, list(overrides))
+
+
+@pytest.fixture(scope="module")
+def one_rank(work):
+    """One rank in this process (no torchrun): the app makes and destroys its own one-rank group."""
+    from launcher import save
+
+    save.run(compose_app("save", *TINY, f"output.dir={work / 'ws1'}"))
+    return work / "ws1"
+
+
+def reference(model_overrides: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The whole random init of SEED, made in this process (no ranks)."""
+    m = OmegaConf.create(dict(vocab_size=259, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=None, attention_bias=False,
+                              mlp_bias=False, tie_word_embeddings=False) | model_overrides)
+    return {s.name: random_local(SEED, s, (0,) * len(s.shape), s.shape, 0.02, dtype, "cpu") for s in param_specs(m)}
+
+
+def read_all(directory) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out |= load_file(f)
+    return out
+
+
+def test_same_seed_gives_byte_identical_files_at_ws1_and_ws4(four_ranks, one_rank):
+    ws4, ws1 = files_of(four_ranks[0]), files_of(one_rank)
+    assert len([n for n in ws4 if n.endswith(".safetensors")]) > 1  # several files: the layout really splits
+    assert ws4.keys() == ws1.keys() and all(ws4[n] == ws1[n] for n in ws4)
+
+
+def test_saved_tensors_are_the_random_init(four_ranks):
+    got, want = read_all(four_ranks[0]), reference({}, torch.float32)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_one_run_dir_rank0_writes_hydra_and_log(four_ranks, work):
+    _, output = four_ranks
+    runs = [p for p in (work / "outputs" / "save").iterdir()]
+    assert len(runs) == 1, runs  # not one per rank
+    assert (runs[0] / ".hydra" / "config.yaml").is_file()
+    log = (runs[0] / "save.log").read_text()
+    assert "[rank0]" in log and "[rank3]" not in log and "saved 21 tensors" in log
+    assert "[rank3]" in output  # the other ranks log to the console, prefixed
+    assert "GB/s" in output and "peak RSS per rank: r0" in output and "r3" in output
+
+
+def test_load_at_another_world_size_compares_with_the_random_init(four_ranks, work):
+    out = run(torchrun_cmd("launcher.load", 2, "+model=tiny", f"seed={SEED}", f"source.path={four_ranks[0]}",
+                           "compare=random"), cwd=work)
+    assert "all 21 tensors equal the random init of seed=7" in out.stdout
+
+
+def test_transformers_from_pretrained_has_identical_weights(four_ranks):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(four_ranks[0])
+    assert model.config.num_hidden_layers == 2 and model.dtype == torch.float32
+    want = reference({}, torch.float32)
+    got = model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_two_rank_save_loads_at_one_rank_and_in_transformers(work):
+    from transformers import AutoModelForCausalLM
+
+    from launcher import load
+
+    out_dir, tied = work / "ws2-tied", ["model.tie_word_embeddings=true"]
+    run(torchrun_cmd("launcher.save", 2, *TINY, *tied, "output.dtype=bfloat16", "parallel=tp",
+                     f"output.dir={out_dir}"), cwd=work)
+    report = load.run(compose_app("load", "+model=tiny", *tied, f"seed={SEED}", f"source.path={out_dir}",
+                                  "compare=random"))
+    assert report.tensors == 20 and not report.mismatched
+    want = reference({"tie_word_embeddings": True}, torch.bfloat16)
+    assert "lm_head.weight" not in read_all(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    assert model.dtype == torch.bfloat16
+    assert torch.equal(model.lm_head.weight, want["model.embed_tokens.weight"])
+    got = model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_load_exits_non_zero_when_the_weights_differ(four_ranks, work):
+    out = run(python_cmd("launcher.load", "+model=tiny", f"seed={SEED + 1}", f"source.path={four_ranks[0]}",
+                         "compare=random"), cwd=work, check=False, LAUNCHER_RUN_DIR=str(work / "run-bad"))
+    assert out.returncode != 0
+    assert "21 of 21 tensors differ from the random init of seed=8" in out.stdout + out.stderr
+
+
+def test_in_process_errors_name_the_fix(four_ranks, work):
+    """Without torchrun the app is one rank; errors before and inside the save name the override to use."""
+    from hf_storage import CheckpointExistsError
+    from launcher import save
+    from launcher.dist import WorldError
+
+    exists = compose_app("save", *TINY, f"output.dir={four_ranks[0]}", "output.overwrite=error")
+    too_big = compose_app("save", *TINY, f"output.dir={work / 'never'}", "world=1x8")
+    with pytest.raises(CheckpointExistsError, match="output.overwrite=replace"):
+        save.run(exists)
+    with pytest.raises(WorldError, match="world.nproc_per_node=1"):
+        save.run(too_big)
+    assert not (work / "never").exists()
