@@ -151,6 +151,17 @@ def _cpu_placement(pcfg, need: int, local_world_size: int) -> Placement:
     return Placement(torch.device("cpu"), CPU_BACKEND, threads=cpu_threads(local_world_size))
 
 
+def bind_near(gpu: Gpu) -> None:
+    """Pin this process to the CPUs NVML reports near ``gpu`` that it may use (cgroups may allow fewer)."""
+    if not gpu.cpus or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = set(gpu.cpus) & os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    else:
+        log.warning("NVML puts GPU %d near CPUs this process may not use; CPU affinity left as is", gpu.index)
+
+
 def _cuda_placement(pcfg, gpus: list[Gpu], visible: list[str], local_rank: int, need: int) -> Placement:
     if local_rank >= len(gpus):
         raise PlacementError(
@@ -160,8 +171,8 @@ def _cuda_placement(pcfg, gpus: list[Gpu], visible: list[str], local_rank: int, 
     gpu = gpus[local_rank]
     device = torch.device("cuda", visible.index(gpu.uuid))
     torch.cuda.set_device(device)
-    if pcfg.bind_cpus and gpu.cpus and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, gpu.cpus)
+    if pcfg.bind_cpus:
+        bind_near(gpu)
     if pcfg.check_free_memory:
         check_free(gpu.free_bytes, int(need * pcfg.headroom), f"GPU {gpu.index} ({gpu.uuid}, {gpu.pci_bus_id})")
     return Placement(device, CUDA_BACKEND, gpu)
