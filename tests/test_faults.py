@@ -8,7 +8,8 @@ docstring), and checks concretely:
 * nothing is published: the target directory is byte-for-byte what it was, and no other index appears;
 * the previous checkpoint still loads bit-identically with ``hf_storage.load``;
 * the next clean save succeeds and removes the staging directory the failed one left behind;
-* where a rank raised instead of dying, every rank's exception names the failing rank and the cause.
+* where a rank raised instead of dying, every rank's error names the cause, the other ranks' errors name the
+  failing rank, and the job ends well before the collective timeout (the error travels, no timeout needed).
 
 Library behaviours that break a guarantee are strict xfails, with the fix in the reason.
 """
