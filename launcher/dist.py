@@ -198,12 +198,9 @@ class Parallel:
         return DTensor.from_local(local, self.mesh, self.placements(spec), run_check=False,
                                   shape=torch.Size(spec.shape), stride=contiguous_stride(spec.shape))
 
-    def local_bytes(self, specs: list[ParamSpec], itemsize: int) -> int:
-        """An estimate of one rank's share, for memory checks before any group exists."""
-        return local_bytes_estimate(specs, itemsize, self.dp, self.tp)
-
 
 def local_bytes_estimate(specs: list[ParamSpec], itemsize: int, dp: int, tp: int) -> int:
+    """About one rank's share of the state, for memory checks before any process group exists."""
     return sum(math.ceil(s.numel / (dp * (tp if s.tp_dim is not None else 1))) * itemsize for s in specs)
 
 
