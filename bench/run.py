@@ -17,11 +17,17 @@ Method
     ``/proc/sys/vm/drop_caches`` the page cache is dropped before every load run (cold reads; the JSON
     says ``"cache": "cold"``); otherwise, or with ``--warm``, reads are warm-cache. Every load is
     checked against the saved values after the clock stops.
+  * CPU: user + system seconds of every rank's process (all threads), summed over ranks -- less sensitive
+    than wall time to other load on the machine.
   * Memory: each rank samples its RSS (``/proc/self/statm``) every 2 ms in a thread; the figure is the
     peak minus a baseline taken just before the operation (after ``gc.collect`` and ``malloc_trim``),
     maximum over ranks and repetitions. Load targets are allocated and touched before the baseline, so
     load growth is what the reader needs beyond the target itself.
-  * Contenders get the same ``--threads`` (default 4) wherever they take a thread count.
+  * Contenders get the same ``--threads`` (default 4) wherever they take a thread count. The load table
+    also has ``bulk pread + copy (ref)``: whole rows in large reads then a strided copy, a reference for
+    what coalescing column-shard runs could reach (it can beat the per-run "bound").
+  * Long-lived objects are frozen out of the garbage collector (``gc.freeze``) after each setup so that the
+    untimed ``gc.collect`` before every run stays cheap.
 
 Default matrix (chosen to finish in ~10 minutes on this 2-core machine)
   * 2 ranks: row shards (FSDP, Shard(0)) at every ``--sizes`` (0.5, 1, 2 GB) -- how cost grows with bytes;
@@ -46,6 +52,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import shutil
 import socket
 import statistics
@@ -126,20 +133,27 @@ def _drop_caches(rank: int) -> None:
 
 
 def timed(fn) -> dict:
-    """Run ``fn`` on every rank after a barrier; slowest rank's seconds and every rank's RSS growth."""
+    """Run ``fn`` on every rank after a barrier: the slowest rank's seconds, the CPU seconds of all ranks
+    (user + system, every thread: robust to a busy machine) and every rank's RSS growth."""
     import torch
     import torch.distributed as dist
 
     _trim()
     dist.barrier()
     with RssPeak() as mem:
-        t0 = time.perf_counter()
+        c0, t0 = _cpu(), time.perf_counter()
         fn()
-        dt = time.perf_counter() - t0
-    mine = torch.tensor([dt, mem.growth], dtype=torch.float64)
+        dt, cpu = time.perf_counter() - t0, _cpu() - c0
+    mine = torch.tensor([dt, mem.growth, cpu], dtype=torch.float64)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
-    return {"s": max(float(v[0]) for v in every), "mem_mb": [float(v[1]) / 1e6 for v in every]}
+    return {"s": max(float(v[0]) for v in every), "mem_mb": [float(v[1]) / 1e6 for v in every],
+            "cpu_s": sum(float(v[2]) for v in every)}
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _cleanup(path: str, rank: int) -> None:
@@ -203,8 +217,8 @@ def _load_runs(state, target, names, o, s: Settings, tag: str, reps: int, say: b
     C.save_hf(state, ckpt, o)
     _cleanup(os.path.join(s.scratch, "none"), o.rank)  # barrier + sync: the checkpoint is on disk
     where = C.raw_load_plan(ckpt)
-    fns = {n: functools.partial(C.LOAD[n], target, ckpt, o) for n in names if n != N.BOUND}
-    fns[N.BOUND] = functools.partial(C.load_raw, target, ckpt, o, where)
+    fns = {n: functools.partial(C.LOAD[n], target, ckpt, o, *((where,) if n in N.NEEDS_WHERE else ()))
+           for n in names}
     out: dict[str, list] = {n: [] for n in names}
     for rep in range(reps):
         for name in _rotated(names, rep):
@@ -352,6 +366,7 @@ def summarize(runs: dict[str, list], nbytes: int, bound: str | None = N.BOUND,
             continue
         med = statistics.median(r["s"] for r in rs)
         out[name] = {"median_s": med, "gbps": nbytes / med / 1e9 if med > 0 else 0.0,
+                     "cpu_s": statistics.median(r["cpu_s"] for r in rs),
                      "mem_mb": max(max(r["mem_mb"]) for r in rs), "runs": rs}
     for v in out.values():
         if bound in out:
@@ -363,7 +378,7 @@ def summarize(runs: dict[str, list], nbytes: int, bound: str | None = N.BOUND,
 
 def _table(title: str, rows: list[tuple[str, dict]], with_gbps: bool = True) -> str:
     head = f"{'case':<24} {'contender':<30} {'median s':>9}" + (f" {'GB/s':>7} {'x bound':>8}" if with_gbps else "") \
-        + f" {'x torch':>8} {'mem MB':>8}"
+        + f" {'x torch':>8} {'cpu s':>7} {'mem MB':>8}"
     lines = [title, head, "-" * len(head)]
     last = None
     for label, summ in rows:
@@ -371,7 +386,7 @@ def _table(title: str, rows: list[tuple[str, dict]], with_gbps: bool = True) -> 
             lines.append(
                 f"{label if label != last else '':<24} {name:<30} {v['median_s']:9.3f}"
                 + (f" {v['gbps']:7.2f} {v.get('x_bound', float('nan')):8.2f}" if with_gbps else "")
-                + f" {v.get('x_torch', float('nan')):8.2f} {v['mem_mb']:8.1f}")
+                + f" {v.get('x_torch', float('nan')):8.2f} {v['cpu_s']:7.2f} {v['mem_mb']:8.1f}")
             last = label
     return "\n".join(lines)
 
@@ -386,7 +401,8 @@ def report(data: dict) -> str:
             c["load_summary"] = summarize(c["load"], c["bytes"], torch_name=N.TORCH_LOAD)
             load_rows.append((c["label"], c["load_summary"]))
     note = (f"median of {data['meta']['reps']}; GB/s of checkpoint bytes; x bound = bound time / contender time; "
-            f"x torch = torch HF time / contender time; mem = peak RSS growth, max over ranks")
+            f"x torch = torch HF time / contender time; cpu = CPU seconds of all ranks (median); "
+            f"mem = peak RSS growth, max over ranks and repetitions")
     parts.append(_table(f"SAVE ({note})", save_rows))
     if load_rows:
         parts.append(_table(f"LOAD ({data['meta']['cache']} page cache; targets preallocated)", load_rows))
