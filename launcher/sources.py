@@ -10,10 +10,11 @@ own shard.
 
 ``random``: element ``i`` (row-major global index) of tensor ``name`` is a function of ``(seed, name, i)``
 only: a splitmix64 counter hash, computed with int64 tensor ops (wrapping multiply, masked shifts), turned
-into a bell-shaped value by summing its four 16-bit fields (Irwin-Hall, mean 0, unit variance), scaled by
-``model.initializer_range`` with one float64 multiply-add and cast once. Integer ops and single IEEE
-roundings give the same bits on any device, box or world size, so the same seed gives byte-identical
-files for any layout. Norm weights are ``1 + noise`` rather than ones, so every tensor's layout is checked.
+into a bell-shaped value by summing its four 16-bit fields (Irwin-Hall: exact integers), centred, scaled to
+``model.initializer_range`` by one float32 multiply (and shifted by one add for norms), then cast once.
+Integer ops and single IEEE roundings give the same bits on any device, box, thread count or world size, so
+the same seed gives byte-identical files for any layout. Norm weights are ``1 + noise`` rather than ones,
+so every tensor's placement is checked too.
 """
 
 from __future__ import annotations
