@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -116,6 +117,15 @@ def _fingerprint(layout: Layout) -> str:
     return h.hexdigest()
 
 
+def _pg_timeout(group):
+    """The timeout the process group was created with (monitored_barrier's own default is 30 minutes)."""
+    try:
+        pg = group if group is not None else dist.group.WORLD
+        return pg._get_backend(torch.device("cpu")).options._timeout
+    except Exception:  # private API moved: fall back to torch's default
+        return None
+
+
 class _Collective:
     """The few collectives a save needs, as no-ops when not distributed."""
 
@@ -135,9 +145,22 @@ class _Collective:
     def gather(self, obj) -> list | None:
         if not self.on:
             return [obj]
+        if dist.get_backend(self.group) == "gloo":
+            # names the ranks that never arrive (killed, stuck in I/O) instead of a bare timeout
+            try:
+                dist.monitored_barrier(self.group, timeout=_pg_timeout(self.group), wait_all_ranks=True)
+            except RuntimeError as e:
+                m = re.search(r"Ranks? ([\d, ]+) failed", str(e))
+                who = f"rank {m.group(1).strip()} did not finish writing in time (killed or stuck in I/O)" if m else str(e)
+                raise HFStorageError(f"the save could not complete: {who}; nothing was published ({e})") from e
         out = [None] * self.size if self.rank == 0 else None
         dist.gather_object(obj, out, dst=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
         return out
+
+
+def _tagged(e: BaseException, rank: int, what: str) -> HFStorageError:
+    """The same error on every rank: an HFStorageError naming the failing rank; nothing was published."""
+    return HFStorageError(f"{what} failed on rank {rank}: {type(e).__name__}: {e}; nothing was published")
 
 
 def _raise_remote(status, rank: int, what: str) -> None:
@@ -175,7 +198,7 @@ def save(
     if coll.rank == 0:
         try:
             staging = _commit.begin(path, overwrite)
-            create_files(staging, layout)
+            status = "mapped" if create_files(staging, layout) else "ok"
         except Exception as e:
             status = ("error", 0, f"{type(e).__name__}: {e}")
             if staging is not None:
@@ -183,7 +206,7 @@ def save(
             if not coll.on:
                 raise
             coll.broadcast(status)
-            raise
+            raise _tagged(e, 0, "preparing the output") from e
     status = coll.broadcast(status if coll.rank == 0 else None)
     _raise_remote(status, coll.rank, "preparing the output")
     staging = _commit.staging_path(path)
@@ -192,7 +215,7 @@ def save(
     try:
         results = write_chunks(staging, {n: (p.file, p.offset) for n, p in layout.tensors.items()},
                                _local_chunks(tensors, coll.rank), thread_count=thread_count, budget=budget,
-                               durable=durable, checksums=checksums, progress=progress)
+                               durable=durable, checksums=checksums, mapped=status == "mapped", progress=progress)
         report = (_fingerprint(layout), results)
     except Exception as e:
         results, report = [], ("error", coll.rank, f"{type(e).__name__}: {e}")
@@ -211,10 +234,12 @@ def save(
             if not coll.on:
                 raise
             coll.broadcast(outcome)
-            raise
+            raise e if isinstance(e, HFStorageError) else _tagged(e, 0, "the save") from e
     outcome = coll.broadcast(outcome)
     if local_error is not None:
-        raise local_error
+        if not coll.on:
+            raise local_error
+        raise _tagged(local_error, coll.rank, "the save") from local_error
     _raise_remote(outcome, coll.rank, "the save")
     return SaveSummary(os.fspath(path), len(layout.files), len(layout.tensors), layout.total_size,
                        sum(r.nbytes for r in results), time.perf_counter() - start)

@@ -53,8 +53,22 @@ def check_target(target: str | os.PathLike, overwrite: bool) -> Path:
     return t
 
 
+def recover(target: str | os.PathLike) -> None:
+    """Undo a publish interrupted between its two renames (filesystems without RENAME_EXCHANGE).
+
+    Then the target is missing and ``.<name>.old`` is the only complete copy of the previous checkpoint:
+    put it back before anything else touches the leftovers.
+    """
+    t = Path(os.path.abspath(target))
+    old = _old_path(t)
+    if not t.exists() and old.is_dir() and is_complete(old):
+        log.warning("restoring %s from %s, left by a publish that was interrupted", t, old)
+        os.rename(old, t)
+
+
 def begin(target: str | os.PathLike, overwrite: bool = True) -> Path:
     """Create a fresh staging directory for ``target``; remove leftovers of an interrupted save."""
+    recover(target)
     t = check_target(target, overwrite)
     t.parent.mkdir(parents=True, exist_ok=True)
     for leftover in (staging_path(t), _old_path(t)):

@@ -51,15 +51,24 @@ class ChunkResult:
     crc: int | None = None  # this chunk's share of the tensor's linear CRC-32 (see checksum.py)
 
 
-def create_files(staging: Path, layout: Layout) -> None:
-    """Create every file of ``layout`` in ``staging`` with its header written and its final size."""
+def create_files(staging: Path, layout: Layout) -> bool:
+    """Create every file of ``layout`` in ``staging`` with its header written and its final size.
+
+    On a local filesystem the files' blocks are reserved up front (so running out of space is reported
+    here, before any data is written) and the result is True: ranks may then write short runs through
+    file mappings. Elsewhere (network filesystems) every byte goes through ``pwrite``.
+    """
+    mapped = _io.is_local_fs(staging)
     for f in layout.files:
         fd = os.open(staging / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
+            if mapped:
+                mapped = _io.preallocate(fd, f.size) or f.size == 0
             _io.pwrite_all(fd, memoryview(f.header), 0)
             os.ftruncate(fd, f.size)
         finally:
             os.close(fd)
+    return mapped
 
 
 def write_chunks(
@@ -71,9 +80,13 @@ def write_chunks(
     budget: int = _io.DEFAULT_BUDGET,
     durable: bool = False,
     checksums: bool = True,
+    mapped: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> list[ChunkResult]:
-    """Write each chunk's runs into its file. ``placements`` maps FQN -> (file name, data offset)."""
+    """Write each chunk's runs into its file. ``placements`` maps FQN -> (file name, data offset).
+
+    ``mapped`` (from :func:`create_files`) lets short runs go through file mappings.
+    """
     fds: dict[str, int] = {}
     results: list[ChunkResult] = []
     staging_buf = _io.Staging(budget)
@@ -82,9 +95,10 @@ def write_chunks(
             for c in chunks:
                 file, base = placements[c.fqn]
                 if file not in fds:
-                    fds[file] = os.open(staging / file, os.O_WRONLY)
+                    fds[file] = os.open(staging / file, os.O_RDWR if mapped else os.O_WRONLY)
                 acc = checksum.Accumulator() if checksums else None
-                n = _io.write_box(pool, staging_buf, fds[file], c.data, base, c.shape, c.offsets, c.sizes, acc)
+                n = _io.write_box(pool, staging_buf, fds[file], c.data, base, c.shape, c.offsets, c.sizes, acc,
+                                  mapped)
                 nbytes = math.prod(c.shape) * c.data.element_size()
                 results.append(ChunkResult(c.fqn, n, None if acc is None else acc.contribution(nbytes)))
                 if progress is not None:
@@ -142,6 +156,7 @@ class _PlanData:
 
     staging: str
     placements: dict[str, tuple[str, int]]
+    mapped: bool = False
 
 
 class HuggingFaceStorageWriter(StorageWriter):
@@ -225,13 +240,13 @@ class HuggingFaceStorageWriter(StorageWriter):
                            fqn_to_index_mapping=self.fqn_to_index_mapping)
         self._staging = _commit.begin(self.path, self.overwrite)
         try:
-            create_files(self._staging, self.layout)
+            mapped = create_files(self._staging, self.layout)
         except BaseException:
             _commit.abort(self._staging)
             raise
         where = {n: (t.file, t.offset) for n, t in self.layout.tensors.items()}
         staging = str(self._staging)
-        return [dataclasses.replace(p, storage_data=_PlanData(staging, {it.index.fqn: where[it.index.fqn] for it in p.items}))
+        return [dataclasses.replace(p, storage_data=_PlanData(staging, {it.index.fqn: where[it.index.fqn] for it in p.items}, mapped))
                 for p in plans]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
@@ -243,7 +258,7 @@ class HuggingFaceStorageWriter(StorageWriter):
                 yield Chunk(it.index.fqn, tensor, tuple(td.size), tuple(td.chunk.offsets), tuple(td.chunk.sizes))
 
         results = write_chunks(Path(data.staging), data.placements, chunks(), thread_count=self.thread_count,
-                               budget=self.budget, durable=self.durable, checksums=self.checksums,
+                               budget=self.budget, durable=self.durable, checksums=self.checksums, mapped=data.mapped,
                                progress=self.progress)
         wr = [WriteResult(index=it.index, size_in_bytes=r.nbytes, storage_data=r)
               for it, r in zip(plan.items, results)]
