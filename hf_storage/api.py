@@ -9,7 +9,6 @@ and report their writes to rank 0 (one gather), and rank 0 reports the commit (o
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import re
 import time
@@ -20,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import _io, commit as _commit
+from . import _io
+from . import commit as _commit
 from .errors import HFStorageError, UnsupportedEntryError, format_keys
 from .layout import Layout, TensorSpec, plan
 from .reader import Checkpoint, check_targets, open_checkpoint, read_requests
@@ -261,22 +261,21 @@ def _commit_reports(reports, staging: Path, path, layout: Layout, durable: bool,
 
 
 def _requests(ckpt: Checkpoint, tensors: dict[str, torch.Tensor]):
+    """For each target's local box, the overlap with each stored piece: (piece, target view, box in piece)."""
     for name, t in tensors.items():
         info = ckpt.tensors.get(name)
         if info is None:
             continue
         local, offsets, sizes = local_box(t)
         for c in info.chunks:
-            lo = [max(o, co) for o, co in zip(offsets, c.offsets)]
-            hi = [min(o + s, co + cs) for o, s, co, cs in zip(offsets, sizes, c.offsets, c.shape)]
-            if any(h <= l for l, h in zip(lo, hi)) and lo:
-                continue
-            if not lo and math.prod(sizes) == 0:
+            begin = [max(o, co) for o, co in zip(offsets, c.offsets)]
+            end = [min(o + s, co + cs) for o, s, co, cs in zip(offsets, sizes, c.offsets, c.shape)]
+            if any(e <= b for b, e in zip(begin, end)):  # no overlap (a 0-dim tensor always overlaps)
                 continue
             view = local
-            for d, (l, h) in enumerate(zip(lo, hi)):
-                view = view.narrow(d, l - offsets[d], h - l)
-            yield c, view, tuple(l - co for l, co in zip(lo, c.offsets)), tuple(h - l for l, h in zip(lo, hi))
+            for d, (b, e) in enumerate(zip(begin, end)):
+                view = view.narrow(d, b - offsets[d], e - b)
+            yield c, view, tuple(b - co for b, co in zip(begin, c.offsets)), tuple(e - b for b, e in zip(begin, end))
 
 
 def load(

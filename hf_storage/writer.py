@@ -26,7 +26,8 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import _io, checksum, commit as _commit
+from . import _io, checksum
+from . import commit as _commit
 from .errors import HFStorageError, UnsupportedEntryError, format_keys
 from .layout import INDEX_NAME, Layout, TensorSpec, plan
 

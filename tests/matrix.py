@@ -6,7 +6,8 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import load as dcp_load, save as dcp_save
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset

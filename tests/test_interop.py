@@ -28,8 +28,8 @@ def _save_sharded_llama(rank: int, world_size: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard
 
-    from tests.matrix import shard  # noqa: F401  (placement helper reused below)
     from tests import matrix
+    from tests.matrix import shard  # noqa: F401  (placement helper reused below)
 
     model = tiny_llama()
     mesh = init_device_mesh("cpu", (world_size,))

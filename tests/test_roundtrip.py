@@ -103,7 +103,8 @@ def test_load_at_another_world_size_and_placement(saved, save_ws, load_ws):
 
 def test_plain_tensors_in_one_process(saved, tmp_path):
     """save_distributed=False with a full state dict in one process, through DCP and the verb."""
-    from torch.distributed.checkpoint import load as dcp_load, save as dcp_save
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint import save as dcp_save
 
     full = {n: matrix.reference(n, dt, s) for n, dt, s in matrix.case_names()}
     dcp_save(full, storage_writer=hf_storage.HuggingFaceStorageWriter(str(tmp_path / "plain")))
