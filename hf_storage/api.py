@@ -158,9 +158,11 @@ class _Collective:
         return out
 
 
-def _tagged(e: BaseException, rank: int, what: str) -> HFStorageError:
-    """The same error on every rank: an HFStorageError naming the failing rank; nothing was published."""
-    return HFStorageError(f"{what} failed on rank {rank}: {type(e).__name__}: {e}; nothing was published")
+def _reraise(e: BaseException, rank: int, what: str):
+    """Raise an HFStorageError naming the failing rank (our own, more specific errors pass through as they are)."""
+    if isinstance(e, HFStorageError):
+        raise e
+    raise HFStorageError(f"{what} failed on rank {rank}: {type(e).__name__}: {e}; nothing was published") from e
 
 
 def _raise_remote(status, rank: int, what: str) -> None:
@@ -206,7 +208,7 @@ def save(
             if not coll.on:
                 raise
             coll.broadcast(status)
-            raise _tagged(e, 0, "preparing the output") from e
+            _reraise(e, 0, "preparing the output")
     status = coll.broadcast(status if coll.rank == 0 else None)
     _raise_remote(status, coll.rank, "preparing the output")
     staging = _commit.staging_path(path)
@@ -234,12 +236,12 @@ def save(
             if not coll.on:
                 raise
             coll.broadcast(outcome)
-            raise e if isinstance(e, HFStorageError) else _tagged(e, 0, "the save") from e
+            _reraise(e, 0, "the save")
     outcome = coll.broadcast(outcome)
     if local_error is not None:
         if not coll.on:
             raise local_error
-        raise _tagged(local_error, coll.rank, "the save") from local_error
+        _reraise(local_error, coll.rank, "the save")
     _raise_remote(outcome, coll.rank, "the save")
     return SaveSummary(os.fspath(path), len(layout.files), len(layout.tensors), layout.total_size,
                        sum(r.nbytes for r in results), time.perf_counter() - start)
