@@ -42,6 +42,15 @@ class Opts:
     threads: int
     durable: bool = False
     max_shard_size: str | None = None
+    checksums: bool | None = None  # None: our writers' default
+
+
+def _ours(o: Opts) -> dict:
+    """Keyword arguments for this project's writers; ``checksums`` only when set (older versions lack it)."""
+    kw: dict = {"thread_count": o.threads, "durable": o.durable, "max_shard_size": o.max_shard_size}
+    if o.checksums is not None:
+        kw["checksums"] = o.checksums
+    return kw
 
 
 # -- state ---------------------------------------------------------------------------------------
@@ -150,12 +159,11 @@ def save_raw(state, out: str, o: Opts) -> None:
 
 
 def save_hf(state, out: str, o: Opts) -> None:
-    hf_storage.save(state, out, thread_count=o.threads, durable=o.durable, max_shard_size=o.max_shard_size)
+    hf_storage.save(state, out, **_ours(o))
 
 
 def save_hf_dcp(state, out: str, o: Opts) -> None:
-    writer = hf_storage.HuggingFaceStorageWriter(out, thread_count=o.threads, durable=o.durable,
-                                                 max_shard_size=o.max_shard_size)
+    writer = hf_storage.HuggingFaceStorageWriter(out, **_ours(o))
     dcp.save(state, storage_writer=writer)
 
 

@@ -9,7 +9,8 @@ Method
   * One pool of gloo worker processes per world size is spawned once; every contender runs inside it,
     so process start-up and imports are outside the timings (one untimed warm-up of every contender first).
   * Repetitions alternate the contenders, rotating their order each repetition; the table reports the
-    median. A barrier precedes each run; a run's time is the slowest rank's; output goes to a fresh
+    median. Each case starts with one untimed raw write of its state (the first large write after
+    allocating it is often several times slower here, and would land on whichever contender runs first). A barrier precedes each run; a run's time is the slowest rank's; output goes to a fresh
     directory that is deleted (and the page cache synced) after the run, outside the clock.
   * Save rows without fsync measure writing into the page cache, as the raw bound does. The durable rows
     fsync (ours: ``durable=True``; torch: ``sync_files=True``); the bound there is write + fsync.
@@ -29,13 +30,17 @@ Method
   * Long-lived objects are frozen out of the garbage collector (``gc.freeze``) after each setup so that the
     untimed ``gc.collect`` before every run stays cheap.
 
-Default matrix (chosen to finish in ~10 minutes on this 2-core machine)
+Default matrix (chosen to finish in about 12 minutes on this 2-core machine when it is otherwise idle)
   * 2 ranks: row shards (FSDP, Shard(0)) at every ``--sizes`` (0.5, 1, 2 GB) -- how cost grows with bytes;
-    column shards (TP, Shard(1)) at ``--size`` (1 GB); a durable save of row shards at ``--durable-size``
+    column shards (TP, Shard(1)) at ``--size`` (0.5 GB); a durable save of row shards at ``--durable-size``
     (0.5 GB, save only);
-  * 4 ranks: row, column and 2-D ([Shard(0), Shard(1)] on a 2 x 2 mesh) at ``--size``;
-  * 2 ranks: 50,000 fp32 8x8 DTensors, save and load (``--many-count``), ``--many-reps`` repetitions.
-  ``--cross`` runs every size for every layout and world size instead.
+  * 4 ranks: row, column and 2-D ([Shard(0), Shard(1)] on a 2 x 2 mesh) at ``--size`` (0.5 GB), so every
+    layout and world size compares at the same 0.5 GB;
+  * 2 ranks: 50,000 fp32 8x8 DTensors, save and load (``--many-count``), ``--many-reps`` (1) repetitions;
+  * ``--reps`` (3) repetitions, but the two slow contenders (torch's consolidating HF writer and gather +
+    save_file, 5-20x slower than the rest) run ``--slow-reps`` (1) times: their median is of one run.
+  ``--cross`` runs every size for every layout and world size instead. ``--profile CONTENDER`` writes a
+  cProfile of that contender on rank 0 (``bench/results/profile-*.prof``) and prints its top functions.
 
 Output: tables on stdout, ``bench/results/bench.json`` (every number), ``bench/results/bench.png``; a
 full (non ``--quick``) run into the default results directory also copies the plot to ``docs/bench.png``.
@@ -94,7 +99,11 @@ class Settings:
     load_names: list[str]
     many_count: int = 0
     many_reps: int = 1
+    slow_reps: int = 1
+    checksums: bool | None = None
     warm_up: bool = True
+    profile: list[str] = field(default_factory=list)
+    out_dir: str = str(RESULTS)
     cases: list[Case] = field(default_factory=list)
 
 
@@ -132,7 +141,7 @@ def _drop_caches(rank: int) -> None:
     dist.barrier()
 
 
-def timed(fn) -> dict:
+def timed(fn, profile: str | None = None) -> dict:
     """Run ``fn`` on every rank after a barrier: the slowest rank's seconds, the CPU seconds of all ranks
     (user + system, every thread: robust to a busy machine) and every rank's RSS growth."""
     import torch
@@ -142,8 +151,16 @@ def timed(fn) -> dict:
     dist.barrier()
     with RssPeak() as mem:
         c0, t0 = _cpu(), time.perf_counter()
-        fn()
+        if profile:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.runcall(fn)
+        else:
+            fn()
         dt, cpu = time.perf_counter() - t0, _cpu() - c0
+    if profile:
+        prof.dump_stats(profile)
     mine = torch.tensor([dt, mem.growth, cpu], dtype=torch.float64)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
@@ -196,21 +213,43 @@ def _zero(state: dict) -> None:
 
 
 # -- one world size: every case, inside long-lived workers ----------------------------------------
-def _save_runs(state, names, o, s: Settings, counter, tag: str, reps: int, say: bool = True) -> dict:
+def _schedule(names: list[str], reps: int, slow_reps: int | None):
+    """(rep, name) in run order: contenders alternate, their order rotating; slow ones stop after slow_reps."""
+    for rep in range(reps):
+        for name in _rotated(names, rep):
+            if slow_reps is None or name not in N.SLOW or rep < slow_reps:
+                yield rep, name
+
+
+def _profile_path(s: Settings, o, kind: str, name: str, tag: str, rep: int) -> str | None:
+    if o.rank != 0 or name not in s.profile:
+        return None
+    slug = "".join(ch if ch.isalnum() else "-" for ch in f"{kind}-{name}-{tag}-{rep}").strip("-")
+    os.makedirs(s.out_dir, exist_ok=True)
+    return os.path.join(s.out_dir, f"profile-{slug}.prof")
+
+
+def _save_runs(state, names, o, s: Settings, counter, tag: str, reps: int, say: bool = True,
+               slow_reps: int | None = None) -> dict:
     from . import contenders as C
 
     out: dict[str, list] = {n: [] for n in names}
-    for rep in range(reps):
-        for name in _rotated(names, rep):
-            path = os.path.join(s.scratch, f"save-{next(counter)}")
-            r = timed(functools.partial(C.SAVE[name], state, path, o))
-            _cleanup(path, o.rank)
-            out[name].append(r)
-            _say(o.rank if say else -1, f"  [{tag}] save {name:<30} {r['s']:8.3f} s  mem {max(r['mem_mb']):8.1f} MB")
+    # One untimed write of the state first: the first large write after allocating a case's state is often
+    # several times slower on this VM (page-cache growth), and would otherwise land on whoever runs first.
+    prime = os.path.join(s.scratch, f"prime-{next(counter)}")
+    C.save_raw(state, prime, o)
+    _cleanup(prime, o.rank)
+    for rep, name in _schedule(names, reps, slow_reps):
+        path = os.path.join(s.scratch, f"save-{next(counter)}")
+        r = timed(functools.partial(C.SAVE[name], state, path, o), _profile_path(s, o, "save", name, tag, rep))
+        _cleanup(path, o.rank)
+        out[name].append(r)
+        _say(o.rank if say else -1, f"  [{tag}] save {name:<30} {r['s']:8.3f} s  mem {max(r['mem_mb']):8.1f} MB")
     return out
 
 
-def _load_runs(state, target, names, o, s: Settings, tag: str, reps: int, say: bool = True) -> dict:
+def _load_runs(state, target, names, o, s: Settings, tag: str, reps: int, say: bool = True,
+               slow_reps: int | None = None) -> dict:
     from . import contenders as C
 
     ckpt = os.path.join(s.scratch, "ckpt")
@@ -220,15 +259,14 @@ def _load_runs(state, target, names, o, s: Settings, tag: str, reps: int, say: b
     fns = {n: functools.partial(C.LOAD[n], target, ckpt, o, *((where,) if n in N.NEEDS_WHERE else ()))
            for n in names}
     out: dict[str, list] = {n: [] for n in names}
-    for rep in range(reps):
-        for name in _rotated(names, rep):
-            _zero(target)
-            if s.cold:
-                _drop_caches(o.rank)
-            r = timed(fns[name])
-            _check_equal(target, state, name)
-            out[name].append(r)
-            _say(o.rank if say else -1, f"  [{tag}] load {name:<30} {r['s']:8.3f} s  mem {max(r['mem_mb']):8.1f} MB")
+    for rep, name in _schedule(names, reps, slow_reps):
+        _zero(target)
+        if s.cold:
+            _drop_caches(o.rank)
+        r = timed(fns[name], _profile_path(s, o, "load", name, tag, rep))
+        _check_equal(target, state, name)
+        out[name].append(r)
+        _say(o.rank if say else -1, f"  [{tag}] load {name:<30} {r['s']:8.3f} s  mem {max(r['mem_mb']):8.1f} MB")
     _cleanup(ckpt, o.rank)
     return out
 
@@ -246,11 +284,11 @@ def _run_case(case: Case, o, s: Settings, counter) -> dict:
     _say(o.rank, f"{case.label}: {res['bytes'] / 1e9:.3f} GB, {len(state)} tensors, "
                  f"{cfg['num_hidden_layers']} layers of hidden {cfg['hidden_size']}")
     names = [n for n in (N.DURABLE_SAVE if case.durable else N.SAVE) if n in s.save_names]
-    res["save"] = _save_runs(state, names, o, s, counter, case.label, s.reps)
+    res["save"] = _save_runs(state, names, o, s, counter, case.label, s.reps, slow_reps=s.slow_reps)
     if not case.durable and s.load_names:
         target = C.llama_state(cfg, case.layout, mesh, zeros=True)
         _settle()
-        res["load"] = _load_runs(state, target, s.load_names, o, s, case.label, s.reps)
+        res["load"] = _load_runs(state, target, s.load_names, o, s, case.label, s.reps, slow_reps=s.slow_reps)
         del target
     del state
     gc.unfreeze()
@@ -301,14 +339,14 @@ def _worker(rank: int, world: int, port: int, s: Settings, many: bool, queue) ->
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        o = Opts(rank, world, s.threads, False, s.max_shard_size)
+        o = Opts(rank, world, s.threads, False, s.max_shard_size, s.checksums)
         counter = itertools.count()
         if s.warm_up:
             _warm_up(o, s)
         _settle()
         cases = []
         for case in s.cases:
-            oc = Opts(rank, world, s.threads, case.durable, s.max_shard_size)
+            oc = Opts(rank, world, s.threads, case.durable, s.max_shard_size, s.checksums)
             cases.append(_run_case(case, oc, s, counter))
         result = {"cases": cases, "many": _run_many(o, s, counter) if many else None}
         dist.barrier()
@@ -400,7 +438,8 @@ def report(data: dict) -> str:
         if c["load"]:
             c["load_summary"] = summarize(c["load"], c["bytes"], torch_name=N.TORCH_LOAD)
             load_rows.append((c["label"], c["load_summary"]))
-    note = (f"median of {data['meta']['reps']}; GB/s of checkpoint bytes; x bound = bound time / contender time; "
+    note = (f"median of {data['meta']['reps']}, of {data['meta'].get('slow_reps', data['meta']['reps'])} for "
+            f"{' and '.join(N.SLOW)}; GB/s of checkpoint bytes; x bound = bound time / contender time; "
             f"x torch = torch HF time / contender time; cpu = CPU seconds of all ranks (median); "
             f"mem = peak RSS growth, max over ranks and repetitions")
     parts.append(_table(f"SAVE ({note})", save_rows))
@@ -459,18 +498,25 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="small sizes, 1 repetition, 2 000 tiny tensors (smoke test)")
     p.add_argument("--section", choices=("all", "main", "many-tensors"), default="all")
     p.add_argument("--sizes", type=float, nargs="+", help="GB; the row layout at the smallest world size (default 0.5 1 2)")
-    p.add_argument("--size", type=float, help="GB for the other layouts / world sizes (default 1)")
+    p.add_argument("--size", type=float, help="GB for the other layouts / world sizes (default 0.5)")
     p.add_argument("--durable-size", type=float, help="GB for the durable save case; 0 skips it (default 0.5)")
     p.add_argument("--cross", action="store_true", help="every size for every layout and world size")
     p.add_argument("--layouts", nargs="+", default=["row", "col", "2d"])
     p.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     p.add_argument("--reps", type=int, help="repetitions per contender (default 3; --quick 1)")
+    p.add_argument("--slow-reps", type=int, default=1,
+                   help=f"repetitions of the slow contenders ({', '.join(N.SLOW)}) in the main section (default 1)")
+    p.add_argument("--profile", nargs="+", default=[], metavar="CONTENDER",
+                   help="cProfile these contenders on rank 0 (every run; the runs are slower): "
+                        "RESULTS/profile-*.prof, top functions printed at the end")
     p.add_argument("--threads", type=int, default=4, help="thread_count given to every contender that takes one")
     p.add_argument("--max-shard-size", default="5GB", help="file size policy for our writers ('none' = one file)")
     p.add_argument("--many-count", type=int, help="tensors in the many-tensors section (default 50000; --quick 2000)")
     p.add_argument("--many-reps", type=int, help="repetitions for the many-tensors section (default 1)")
     p.add_argument("--contenders", nargs="+", help="only these contenders (names as printed; the bound is always run)")
     p.add_argument("--warm", action="store_true", help="do not drop the page cache before loads")
+    p.add_argument("--checksums", choices=("default", "on", "off"), default="default",
+                   help="checksums= for this project's writers (default: their own default)")
     p.add_argument("--no-warm-up", action="store_true", help="skip the untimed warm-up run of every contender")
     p.add_argument("--scratch", help="directory for checkpoint files (default: a fresh one under /tmp)")
     p.add_argument("--out", default=str(RESULTS), help="results directory (JSON and PNG)")
@@ -479,7 +525,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     q = a.quick
     a.sizes = a.sizes or ([0.064] if q else [0.5, 1.0, 2.0])
-    a.size = a.size if a.size is not None else (0.064 if q else 1.0)
+    a.size = a.size if a.size is not None else (0.064 if q else 0.5)
     a.durable_size = a.durable_size if a.durable_size is not None else (0.064 if q else 0.5)
     a.reps = a.reps or (1 if q else 3)
     a.many_count = a.many_count if a.many_count is not None else (2000 if q else 50000)
@@ -501,10 +547,13 @@ def main(argv=None) -> dict:
     settings = Settings(reps=a.reps, threads=a.threads,
                         max_shard_size=None if str(a.max_shard_size).lower() == "none" else a.max_shard_size,
                         cold=cold, scratch=scratch, save_names=pick(N.SAVE), load_names=pick(N.LOAD),
-                        many_count=a.many_count, many_reps=a.many_reps, warm_up=not a.no_warm_up)
-    started = time.perf_counter()
+                        many_count=a.many_count, many_reps=a.many_reps, warm_up=not a.no_warm_up,
+                        slow_reps=min(a.slow_reps, a.reps), profile=list(a.profile), out_dir=a.out,
+                        checksums={"default": None, "on": True, "off": False}[a.checksums])
+    started, started_wall = time.perf_counter(), time.time()
     data = {"meta": {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                      "machine": machine(), "reps": a.reps, "many_reps": a.many_reps, "threads": a.threads,
+                     "slow_reps": settings.slow_reps, "checksums": a.checksums,
                      "cache": "cold" if cold else "warm", "max_shard_size": settings.max_shard_size,
                      "argv": sys.argv[1:] if argv is None else list(argv)},
             "cases": [], "many": None}
@@ -533,7 +582,17 @@ def main(argv=None) -> dict:
         (REPO / "docs").mkdir(exist_ok=True)
         shutil.copyfile(png, REPO / "docs" / "bench.png")
     print(f"wrote {out / 'bench.json'}" + (f" and {png}" if png else ""), flush=True)
+    _print_profiles(out, started_wall)
     return data
+
+
+def _print_profiles(out: Path, since: float) -> None:
+    import pstats
+
+    for path in sorted(out.glob("profile-*.prof")):
+        if path.stat().st_mtime >= since:
+            print(f"\n{path} (rank 0; top by own time)")
+            pstats.Stats(str(path)).sort_stats("tottime").print_stats(12)
 
 
 if __name__ == "__main__":
