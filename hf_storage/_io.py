@@ -29,6 +29,7 @@ from .layout import chunk_runs
 DEFAULT_BUDGET = 64 * 2**20
 _SPLIT = 32 * 2**20  # large runs are cut into pieces of this size so threads share them
 _BATCH = 4 * 2**20  # small runs are grouped into batches of about this many bytes
+_INLINE = 64 * 2**10  # single runs smaller than this are written by the calling thread
 SMALL_RUN = 256 * 2**10  # blocks whose runs are shorter than this use the mapped strided copy
 _PAGE = mmap.ALLOCATIONGRANULARITY
 
@@ -102,7 +103,10 @@ class IOPool:
         self._pending: list[Future] = []
 
     def submit(self, fn, fd: int, ops: list[tuple[memoryview, int]]) -> None:
-        self._pending.append(self._ex.submit(_run_ops, fn, fd, ops))
+        if len(ops) == 1 and len(ops[0][0]) < _INLINE:  # a thread hand-off costs more than a small syscall
+            fn(fd, *ops[0])
+        else:
+            self._pending.append(self._ex.submit(_run_ops, fn, fd, ops))
 
     def drain(self) -> None:
         pending, self._pending = self._pending, []
@@ -185,7 +189,7 @@ class Staging:
         numel = 1
         for d in shape:
             numel *= d
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         if self._buf is None or self._buf.numel() < nbytes:
             pin = torch.cuda.is_available()
             self._buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
@@ -207,6 +211,25 @@ def _mapped_copy(fd: int, block: torch.Tensor, base: int, shape, sizes, first: i
         del window, dst  # release the exported buffer before the mapping closes
 
 
+def single_run(shape, offsets, sizes) -> int | None:
+    """Element offset of a box that is one contiguous run of its tensor (row shard, whole tensor), else None."""
+    k = len(shape) - 1
+    while k >= 0 and sizes[k] == shape[k]:
+        k -= 1
+    for d in range(k):
+        if sizes[d] != 1:
+            return None
+    start, stride = 0, 1
+    for d in range(len(shape) - 1, -1, -1):
+        start += offsets[d] * stride
+        stride *= shape[d]
+    return start
+
+
+def _small_direct(t: torch.Tensor, nbytes: int) -> bool:
+    return nbytes < _INLINE and t.device.type == "cpu" and t.is_contiguous()
+
+
 def write_box(pool: IOPool, staging: Staging, fd: int, src: torch.Tensor, base: int,
               shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...],
               crc: Accumulator | None = None, mapped: bool = False) -> int:
@@ -216,24 +239,36 @@ def write_box(pool: IOPool, staging: Staging, fd: int, src: torch.Tensor, base: 
     With ``mapped``, a box of many short runs is copied through file mappings of at most ``budget`` bytes
     instead of one ``pwrite`` per run.
     """
-    direct = _is_direct(src)
     itemsize = src.element_size()
+    nbytes = src.numel() * itemsize
+    if _small_direct(src, nbytes):  # many small tensors (MoE): one inline pwrite, no run arithmetic
+        start = single_run(shape, offsets, sizes)
+        if start is not None:
+            mv = as_bytes(src)
+            pwrite_all(fd, mv, base + start * itemsize)
+            if crc is not None:
+                crc.add_runs(mv, [start * itemsize], nbytes)
+            return nbytes
+    direct = _is_direct(src)
     row_bytes = math.prod(sizes[1:]) * itemsize if sizes else itemsize
     step = _step(sizes, row_bytes, direct, staging.budget)
     starts, length = chunk_runs(shape, offsets, sizes)
     use_map = mapped and len(starts) > 1 and length * itemsize < SMALL_RUN
     if use_map:  # the mapped window spans whole global rows: bound it by the budget
         step = min(step, max(1, staging.budget // max(math.prod(shape[1:]) * itemsize, 1)))
+    single = not sizes or step >= sizes[0]  # one block: reuse the runs computed above, no narrowing
     written = 0
     for r0, n in _row_blocks(sizes, step):
-        block = _block(src, r0, n)
+        block = src if single else _block(src, r0, n)
         if not direct:
             pool.drain()  # the staging buffer is about to be reused
             host = staging.view(block.dtype, block.shape)
             host.copy_(block)
             block = host
-        off, sz = _sub_box(offsets, sizes, r0, n)
-        starts, length = chunk_runs(shape, off, sz)
+        sz = sizes
+        if not single:
+            off, sz = _sub_box(offsets, sizes, r0, n)
+            starts, length = chunk_runs(shape, off, sz)
         mv = as_bytes(block)
         if use_map and len(starts):
             _mapped_copy(fd, block, base, shape, sz, int(starts[0]) * itemsize, (int(starts[-1]) + length) * itemsize)
@@ -241,7 +276,7 @@ def write_box(pool: IOPool, staging: Staging, fd: int, src: torch.Tensor, base: 
             _dispatch(pool, pwrite_all, fd, mv, base, starts, length * itemsize, itemsize)
         if crc is not None:
             crc.add_runs(mv, (starts * itemsize).tolist(), length * itemsize)
-        written += block.numel() * itemsize
+        written += len(mv)
     if not direct:
         pool.drain()
     return written
@@ -250,8 +285,14 @@ def write_box(pool: IOPool, staging: Staging, fd: int, src: torch.Tensor, base: 
 def read_box(pool: IOPool, staging: Staging, fd: int, dst: torch.Tensor, stored_dtype: torch.dtype, base: int,
              shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> int:
     """Fill ``dst`` (shape ``sizes``) from the box's runs, casting from ``stored_dtype`` if needed."""
+    itemsize = stored_dtype.itemsize
+    nbytes = dst.numel() * itemsize
+    if dst.dtype == stored_dtype and _small_direct(dst, nbytes):
+        start = single_run(shape, offsets, sizes)
+        if start is not None:
+            pread_all(fd, as_bytes(dst), base + start * itemsize)
+            return nbytes
     direct = _is_direct(dst) and dst.dtype == stored_dtype
-    itemsize = torch.empty((), dtype=stored_dtype).element_size()
     row_bytes = math.prod(sizes[1:]) * itemsize if sizes else itemsize
     nread = 0
     for r0, n in _row_blocks(sizes, _step(sizes, row_bytes, direct, staging.budget)):

@@ -8,6 +8,7 @@ and report their writes to rank 0 (one gather), and rank 0 reports the commit (o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -24,7 +25,7 @@ from . import commit as _commit
 from .errors import HFStorageError, UnsupportedEntryError, format_keys
 from .layout import Layout, TensorSpec, plan
 from .reader import Checkpoint, check_targets, open_checkpoint, read_requests
-from .writer import Chunk, ChunkResult, commit, create_files, write_chunks
+from .writer import Chunk, commit, create_files, tally, write_chunks
 
 try:
     from torch.distributed.tensor import DTensor
@@ -79,34 +80,39 @@ def _is_dtensor(t) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+@functools.lru_cache(maxsize=4096)
+def _shard_box(shape: tuple[int, ...], mesh, placements: tuple) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+    """(global offsets, local sizes, whether this rank writes it) of a DTensor shard; cached, since
+    MoE-style state repeats a few layouts many times. Replicated data is written once: by mesh coordinate
+    0 of each replicated mesh dimension."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(isinstance(p, Partial) for p in placements):
+        raise UnsupportedEntryError("a DTensor with Partial placement holds unreduced values; "
+                                    "redistribute it to Shard/Replicate before saving")
+    coord = mesh.get_coordinate()
+    writes = coord is not None and all(c == 0 for c, p in zip(coord, placements) if isinstance(p, Replicate))
+    sizes, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
+    return tuple(offsets), tuple(sizes), writes
+
+
 def local_box(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
     """``(local data, global offsets, local sizes)`` of a DTensor's shard, or the whole plain tensor."""
     if _is_dtensor(t):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        sizes, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-        return t.to_local(), tuple(offsets), tuple(sizes)
+        offsets, sizes, _ = _shard_box(tuple(t.shape), t._spec.mesh, t._spec.placements)
+        return t._local_tensor, offsets, sizes
     return t, (0,) * t.dim(), tuple(t.shape)
-
-
-def _writes_here(t: torch.Tensor, rank: int) -> bool:
-    """Replicated data is written once: by the mesh coordinate 0 of each replicated dimension."""
-    if not _is_dtensor(t):
-        return rank == 0
-    if any(isinstance(p, Partial) for p in t.placements):
-        raise UnsupportedEntryError("a DTensor with Partial placement holds unreduced values; "
-                                    "redistribute it to Shard/Replicate before saving")
-    coord = t.device_mesh.get_coordinate()
-    if coord is None:  # this rank is not in the tensor's mesh
-        return False
-    return all(c == 0 for c, p in zip(coord, t.placements) if isinstance(p, Replicate))
 
 
 def _local_chunks(tensors: dict[str, torch.Tensor], rank: int) -> Iterator[Chunk]:
     for name, t in tensors.items():
-        if _writes_here(t, rank):
-            data, offsets, sizes = local_box(t)
-            yield Chunk(name, data, tuple(t.shape), offsets, sizes)
+        shape = tuple(t.shape)
+        if _is_dtensor(t):
+            offsets, sizes, writes = _shard_box(shape, t._spec.mesh, t._spec.placements)
+            if writes:
+                yield Chunk(name, t._local_tensor, shape, offsets, sizes)
+        elif rank == 0:
+            yield Chunk(name, t, shape, (0,) * len(shape), shape)
 
 
 def _fingerprint(layout: Layout) -> str:
@@ -218,7 +224,7 @@ def save(
         results = write_chunks(staging, {n: (p.file, p.offset) for n, p in layout.tensors.items()},
                                _local_chunks(tensors, coll.rank), thread_count=thread_count, budget=budget,
                                durable=durable, checksums=checksums, mapped=status == "mapped", progress=progress)
-        report = (_fingerprint(layout), results)
+        report = (_fingerprint(layout), [(k, *v) for k, v in tally(results).items()])
     except Exception as e:
         results, report = [], ("error", coll.rank, f"{type(e).__name__}: {e}")
         local_error: Exception | None = e
@@ -257,8 +263,10 @@ def _commit_reports(reports, staging: Path, path, layout: Layout, durable: bool,
         raise HFStorageError(
             f"ranks {differ[:20]} planned a different file layout than rank 0: their state dicts disagree on "
             "tensor names, shapes or dtypes (plain tensors must be identical on every rank); nothing was published")
-    results: list[ChunkResult] = [r for _, rs in reports for r in rs]
-    commit(staging, path, layout, results, durable=durable, extra_files=extra_files)
+    written: dict[str, list] = {}
+    for _, rows in reports:
+        tally(rows, written)
+    commit(staging, path, layout, written, durable=durable, extra_files=extra_files)
     return "ok"
 
 
@@ -269,6 +277,10 @@ def _requests(ckpt: Checkpoint, tensors: dict[str, torch.Tensor]):
         if info is None:
             continue
         local, offsets, sizes = local_box(t)
+        if len(info.chunks) == 1 and info.chunks[0].shape == info.shape:  # stored whole: the box is the overlap
+            if all(sizes):
+                yield info.chunks[0], local, offsets, sizes
+            continue
         for c in info.chunks:
             begin = [max(o, co) for o, co in zip(offsets, c.offsets)]
             end = [min(o + s, co + cs) for o, s, co, cs in zip(offsets, sizes, c.offsets, c.shape)]

@@ -61,9 +61,25 @@ def _table(factor: int) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(_mul(factor, b << (8 * i)) for b in range(256)) for i in range(4))
 
 
+@lru_cache(maxsize=4096)
+def _py_table(factor: int) -> tuple[list[int], ...]:
+    tabs = []
+    for i in range(4):
+        t = [0] * 256
+        for bit in range(8):
+            v = _mul(factor, 1 << (8 * i + bit))
+            for j in range(1 << bit):
+                t[(1 << bit) + j] = t[j] ^ v
+        tabs.append(t)
+    return tuple(tabs)
+
+
 def shift(crc: int, nbytes: int) -> int:
     """The linear CRC of ``piece + nbytes zero bytes`` given the linear CRC of ``piece``."""
-    return _mul(_shift_factor(nbytes), crc) if nbytes else crc
+    if not nbytes or not crc:
+        return crc
+    t0, t1, t2, t3 = _py_table(_shift_factor(nbytes))
+    return t0[crc & 255] ^ t1[(crc >> 8) & 255] ^ t2[(crc >> 16) & 255] ^ t3[crc >> 24]
 
 
 def linear(buf) -> int:
@@ -71,9 +87,14 @@ def linear(buf) -> int:
     return zlib.crc32(buf, _ALL) ^ _ALL
 
 
+@lru_cache(maxsize=4096)
+def _affine(length: int) -> int:
+    return _mul(_shift_factor(length), _ALL) ^ _ALL
+
+
 def finalize(linear_crc: int, length: int) -> int:
     """The standard CRC-32 (``zlib.crc32``) of a ``length``-byte message from its linear part."""
-    return linear_crc ^ shift(_ALL, length) ^ _ALL
+    return linear_crc ^ _affine(length)
 
 
 @lru_cache(maxsize=256)

@@ -61,4 +61,4 @@ def to_torch(name: str, tensor: str = "") -> torch.dtype:
 
 
 def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize

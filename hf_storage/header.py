@@ -16,6 +16,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import dtypes
 from .errors import CheckpointFormatError
@@ -25,8 +26,7 @@ _ALIGN = 8
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 
 
-@dataclass(frozen=True)
-class TensorEntry:
+class TensorEntry(NamedTuple):
     """One tensor of a safetensors file: dtype name, shape and absolute byte range in the file."""
 
     name: str
@@ -125,7 +125,23 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+_ITEMSIZE = {name: dt.itemsize for name, dt in dtypes._TO_TORCH.items()}
+
+
 def _check_entry(name: str, value, data_start: int, label: str) -> TensorEntry:
+    """Fast acceptance of a well-formed entry; anything else goes to the checks that name the fault."""
+    if type(value) is dict and len(value) == 3:
+        dtype, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
+        if (type(dtype) is str and dtype in _ITEMSIZE and type(shape) is list and type(offsets) is list
+                and len(offsets) == 2 and type(offsets[0]) is int and type(offsets[1]) is int
+                and all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)
+                and 0 <= offsets[0] <= offsets[1]
+                and offsets[1] - offsets[0] == math.prod(shape) * _ITEMSIZE[dtype]):
+            return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+    return _check_entry_slowly(name, value, data_start, label)
+
+
+def _check_entry_slowly(name: str, value, data_start: int, label: str) -> TensorEntry:
     where = f"{label}: tensor {name!r}"
     if not isinstance(value, dict):
         raise CheckpointFormatError(f"{where}: entry must be an object, got {type(value).__name__}")

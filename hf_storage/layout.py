@@ -66,6 +66,7 @@ class FileLayout:
 class Layout:
     files: list[FileLayout]
     tensors: dict[str, TensorPlacement]
+    order: list[str] = field(default_factory=list)  # tensor names in natural order
 
     @property
     def total_size(self) -> int:
@@ -75,7 +76,8 @@ class Layout:
         """The ``model.safetensors.index.json`` content."""
         meta: dict[str, object] = {"total_size": self.total_size}
         meta.update(extra_metadata or {})
-        weight_map = {name: self.tensors[name].file for name in sorted(self.tensors, key=natural_key)}
+        names = self.order or sorted(self.tensors, key=natural_key)
+        weight_map = {name: self.tensors[name].file for name in names}
         return {"metadata": meta, "weight_map": weight_map}
 
 
@@ -124,7 +126,7 @@ def plan(
         groups = _groups_from_mapping(ordered, fqn_to_index_mapping)
     else:
         groups = _groups_by_size(ordered, parse_size(max_shard_size))
-    return _build(groups)
+    return _build(groups, [s.name for s in ordered])
 
 
 def _check_unique(specs: list[TensorSpec]) -> None:
@@ -160,12 +162,13 @@ def _groups_by_size(specs: list[TensorSpec], limit: int | None) -> list[list[Ten
     return groups
 
 
-def _build(groups: list[list[TensorSpec]]) -> Layout:
+def _build(groups: list[list[TensorSpec]], order: list[str]) -> Layout:
+    """Groups arrive in natural name order; a stable sort by item size keeps that order within a size."""
     files: list[FileLayout] = []
     tensors: dict[str, TensorPlacement] = {}
     for i, group in enumerate(groups, start=1):
         name = file_name(i, len(groups))
-        group = sorted(group, key=lambda s: (-s.itemsize, natural_key(s.name)))
+        group = sorted(group, key=lambda s: -s.itemsize)
         entries, pos = [], 0
         for s in group:
             entries.append((s.name, dtypes.to_safetensors(s.dtype), s.shape, pos, pos + s.nbytes))
@@ -174,7 +177,7 @@ def _build(groups: list[list[TensorSpec]]) -> Layout:
         files.append(FileLayout(name, head, len(head) + pos, [s.name for s in group]))
         for s, (_, _, _, begin, _) in zip(group, entries):
             tensors[s.name] = TensorPlacement(s, name, len(head) + begin)
-    return Layout(files, tensors)
+    return Layout(files, tensors, order)
 
 
 def chunk_runs(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[np.ndarray, int]:
@@ -196,6 +199,8 @@ def chunk_runs(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[in
     if k < 0:
         return np.zeros(1, dtype=np.int64), math.prod(shape)
     length = sizes[k] * strides[k]
+    if all(s == 1 for s in sizes[:k]):  # a single run (row shards, whole tensors): no index arithmetic
+        return np.array([sum(o * st for o, st in zip(offsets, strides))], dtype=np.int64), length
     starts = np.array([sum(o * st for o, st in zip(offsets, strides))], dtype=np.int64)
     for i in range(k):
         if sizes[i] > 1:

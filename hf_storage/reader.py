@@ -17,6 +17,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.distributed.checkpoint.metadata import (
@@ -39,8 +40,7 @@ MAX_INDEX_BYTES = 100 * 1000 * 1000
 _SHARDING_KEY = "DCP_SHARDING_INFO"
 
 
-@dataclass(frozen=True)
-class StoredChunk:
+class StoredChunk(NamedTuple):
     """Where one stored piece of a tensor lives: file, absolute data offset, its box in the tensor."""
 
     file: str
@@ -50,8 +50,7 @@ class StoredChunk:
     offsets: tuple[int, ...]  # its offset in the full tensor
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -181,6 +180,10 @@ def _collect(files: dict[str, header.Header], listed: set[str] | None) -> dict[s
                 StoredChunk(fname, e.begin, dtypes.to_torch(e.dtype), e.shape, offs))
     tensors = {}
     for name, chunks in pieces.items():
+        if len(chunks) == 1 and not any(chunks[0].offsets):  # the usual case: one whole tensor
+            c = chunks[0]
+            tensors[name] = TensorInfo(name, c.dtype, c.shape, (c,))
+            continue
         kinds = {c.dtype for c in chunks}
         if len(kinds) > 1:
             raise CheckpointFormatError(f"tensor {name!r} is stored with several dtypes: {sorted(map(str, kinds))}")

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import os
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,24 +112,35 @@ def write_chunks(
     return results
 
 
+def tally(results: Iterable[ChunkResult], into: dict[str, list] | None = None) -> dict[str, list]:
+    """Per tensor: ``[bytes written, XOR of CRC shares or None]``; merges into ``into`` when given."""
+    out = {} if into is None else into
+    for r in results:
+        fqn, nbytes, crc = (r.fqn, r.nbytes, r.crc) if isinstance(r, ChunkResult) else r
+        cur = out.get(fqn)
+        if cur is None:
+            out[fqn] = [nbytes, crc]
+        else:
+            cur[0] += nbytes
+            cur[1] = None if cur[1] is None or crc is None else cur[1] ^ crc
+    return out
+
+
 def commit(
     staging: Path,
     target: str | os.PathLike,
     layout: Layout,
-    results: Iterable[ChunkResult],
+    written: Mapping[str, list],
     *,
     durable: bool = False,
     extra_files: Mapping[str, bytes | str] | None = None,
 ) -> dict:
-    """Check completeness, write the index (the commit point) and publish. Returns the index dict."""
-    written: dict[str, int] = defaultdict(int)
-    crcs: dict[str, int | None] = {}
-    for r in results:
-        written[r.fqn] += r.nbytes
-        prev = crcs.get(r.fqn, 0)
-        crcs[r.fqn] = None if prev is None or r.crc is None else prev ^ r.crc
-    wrong = [f"{name} ({written.get(name, 0)} of {p.spec.nbytes} bytes)"
-             for name, p in layout.tensors.items() if written.get(name, 0) != p.spec.nbytes]
+    """Check completeness, write the index (the commit point) and publish. Returns the index dict.
+
+    ``written`` is :func:`tally` over every rank's results.
+    """
+    wrong = [f"{name} ({written.get(name, (0,))[0]} of {p.spec.nbytes} bytes)"
+             for name, p in layout.tensors.items() if written.get(name, (0,))[0] != p.spec.nbytes]
     if wrong:
         raise HFStorageError(
             f"the ranks did not write every byte exactly once; nothing was published. Tensors: {format_keys(wrong)}. "
@@ -142,9 +152,10 @@ def commit(
     for name, data in (extra_files or {}).items():
         _commit.write_file(staging, name, data.encode() if isinstance(data, str) else data, durable)
     meta: dict[str, object] = {"format_version": FORMAT_VERSION}
-    if all(crcs.get(n, 0) is not None for n in layout.tensors):
+    if all(written[n][1] is not None for n in layout.tensors if n in written):
+        crcs = {n: written[n][1] if n in written else 0 for n in layout.order}
         meta["checksums"] = {"algorithm": "crc32", "tensors": {
-            n: f"{checksum.finalize(crcs.get(n, 0) or 0, p.spec.nbytes):08x}" for n, p in sorted(layout.tensors.items())}}
+            n: f"{checksum.finalize(crcs[n], layout.tensors[n].spec.nbytes):08x}" for n in layout.order}}
     index = layout.index(meta)
     _commit.write_file(staging, INDEX_NAME, json.dumps(index, indent=2).encode() + b"\n", durable)
     _commit.publish(staging, target, durable)
@@ -272,7 +283,7 @@ class HuggingFaceStorageWriter(StorageWriter):
             raise HFStorageError("finish() called before prepare_global_plan() on the coordinator")
         try:
             self.index = commit(self._staging, self.path, self.layout,
-                                (w.storage_data for rank in results for w in rank),
+                                tally(w.storage_data for rank in results for w in rank),
                                 durable=self.durable, extra_files=self.extra_files)
         except BaseException:
             _commit.abort(self._staging)
