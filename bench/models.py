@@ -25,6 +25,7 @@ LLAMA_CONFIGS: dict[str, dict[str, int]] = {
 }
 _FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
            "num_key_value_heads", "vocab_size")
+_YAML_STEMS = {"llama-8b": "llama3_8b", "llama-70b": "llama3_70b", "llama-405b": "llama3_405b"}
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,10 @@ def _find_fields(node) -> dict[str, int] | None:
     """The first mapping in a (nested) YAML document that holds every HF config field we need."""
     if isinstance(node, dict):
         if all(k in node for k in _FIELDS):
-            return {k: int(node[k]) for k in _FIELDS}
+            found = {k: int(node[k]) for k in _FIELDS}
+            if node.get("tie_word_embeddings"):
+                found["tie_word_embeddings"] = 1
+            return found
         for v in node.values():
             found = _find_fields(v)
             if found:
@@ -55,7 +59,7 @@ def load_config(name: str) -> tuple[dict[str, int], str]:
     """``(config, source)``: from ``configs/model/<name>.yaml`` when present, else the built-in table."""
     import yaml
 
-    for stem in (name, name.replace("llama-", "llama"), name.replace("-", "_")):
+    for stem in (_YAML_STEMS.get(name, name), name, name.replace("-", "_")):
         path = REPO / "configs" / "model" / f"{stem}.yaml"
         if path.is_file():
             found = _find_fields(yaml.safe_load(path.read_text()))
@@ -68,7 +72,7 @@ def llama_params(cfg: dict[str, int]) -> list[Param]:
     """Every tensor of a Llama model with Megatron/torchtitan-style TP dimensions.
 
     Column-parallel (q, k, v, gate, up, lm_head, embedding rows) split dim 0; row-parallel (o, down)
-    split dim 1; norms are replicated across TP.
+    split dim 1; norms are replicated across TP. With ``tie_word_embeddings`` there is no ``lm_head``.
     """
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     kv = cfg["num_key_value_heads"] * (h // cfg["num_attention_heads"])
@@ -86,7 +90,9 @@ def llama_params(cfg: dict[str, int]) -> list[Param]:
             Param(p + "input_layernorm.weight", (h,), None),
             Param(p + "post_attention_layernorm.weight", (h,), None),
         ]
-    out += [Param("model.norm.weight", (h,), None), Param("lm_head.weight", (v, h), 0)]
+    out.append(Param("model.norm.weight", (h,), None))
+    if not cfg.get("tie_word_embeddings"):
+        out.append(Param("lm_head.weight", (v, h), 0))
     return out
 
 

@@ -191,3 +191,13 @@ def test_scale_main_writes_json(tmp_path):
     saved = json.loads((tmp_path / "s.json").read_text())
     assert [r["n"] for r in saved["rows"]] == [8]
     assert data["targets"] and all(c["ok"] for c in data["targets"] if c["target"])
+
+
+def test_model_shapes_come_from_the_launcher_configs():
+    from bench.models import LLAMA_CONFIGS, REPO, load_config
+
+    for name, published in LLAMA_CONFIGS.items():
+        cfg, source = load_config(name)
+        assert {k: cfg[k] for k in published} == published
+        if (REPO / "configs" / "model").is_dir():
+            assert source.startswith("configs/model/"), f"{name}: expected the launcher's YAML, got {source}"
