@@ -100,7 +100,9 @@ def plot(data: dict, path: Path) -> Path | None:
     _many(axes[2][1], data.get("many"))
     m = data["meta"]["machine"]
     fig.suptitle(f"hf_storage benchmark {data['meta']['date'][:10]} - {m['cpu']}, {m['cores']} cores, "
-                 f"{m['memory_gb']} GiB, torch {m['torch']}; median of {data['meta']['reps']}", fontsize=11)
+                 f"{m['memory_gb']} GiB, torch {m['torch']}; median of {data['meta']['reps']} "
+                 f"(torch HF writer, gather: {data['meta'].get('slow_reps', data['meta']['reps'])}); "
+                 f"{data['meta']['cache']}-cache loads", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -521,6 +521,7 @@ def parse_args(argv=None):
     p.add_argument("--scratch", help="directory for checkpoint files (default: a fresh one under /tmp)")
     p.add_argument("--out", default=str(RESULTS), help="results directory (JSON and PNG)")
     p.add_argument("--no-docs", action="store_true", help="do not copy the plot to docs/bench.png")
+    p.add_argument("--from-json", metavar="PATH", help="run nothing: redraw the tables and plot from a bench.json")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before a world size's workers are killed")
     a = p.parse_args(argv)
     q = a.quick
@@ -535,6 +536,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    if a.from_json:
+        data = json.loads(Path(a.from_json).read_text())
+        text = report(data)
+        print(text + f"\n\ntotal wall time {data['meta'].get('wall_s', 0):.0f} s", flush=True)
+        _publish(data, text, a, time.time())
+        return data
 
     def pick(names):
         return [n for n in names if n == N.BOUND or not a.contenders or n in a.contenders]
@@ -571,6 +578,12 @@ def main(argv=None) -> dict:
     data["meta"]["wall_s"] = time.perf_counter() - started
     text = report(data)
     print("\n" + text + f"\n\ntotal wall time {data['meta']['wall_s']:.0f} s", flush=True)
+    _publish(data, text, a, started_wall)
+    return data
+
+
+def _publish(data: dict, text: str, a, started_wall: float) -> None:
+    """Write the JSON, the table and the plot; a full run into the default directory also updates docs/."""
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(data, indent=1))
@@ -583,7 +596,6 @@ def main(argv=None) -> dict:
         shutil.copyfile(png, REPO / "docs" / "bench.png")
     print(f"wrote {out / 'bench.json'}" + (f" and {png}" if png else ""), flush=True)
     _print_profiles(out, started_wall)
-    return data
 
 
 def _print_profiles(out: Path, since: float) -> None:
