@@ -288,18 +288,24 @@ def local_save_plan(params: list[Param], mesh: Mesh, rank: int):
 def unpickle_estimate(per_rank: list, sample: int = 16) -> tuple[float, float]:
     """What DCP's gather costs the coordinator: seconds to unpickle all N ranks' objects, and their bytes.
 
-    Estimated from ``sample`` evenly spaced ranks, scaled by N / sample. A lower bound: unpickling millions
-    of objects into one heap also triggers full garbage collections (about 2.7x slower for 4.7M objects
-    in the gather-free commit measurement), which a small sample does not.
+    Estimated from ``sample`` evenly spaced ranks, scaled by N / sample, with the garbage collector off. A
+    lower bound: unpickling millions of objects into one heap also triggers full garbage collections (about
+    2.7x slower for 4.7M objects in the gather-free commit measurement); timed here, one such collection
+    over the simulation's own heap would be multiplied by N / sample and swamp the estimate.
     """
     n = len(per_rank)
     idx = sorted({round(i * (n - 1) / max(1, sample - 1)) for i in range(min(sample, n))})
     blobs = [pickle.dumps(per_rank[i], protocol=pickle.HIGHEST_PROTOCOL) for i in idx]
-    t0 = time.perf_counter()
-    for b in blobs:
-        pickle.loads(b)
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        for b in blobs:
+            pickle.loads(b)
+        dt = time.perf_counter() - t0
+    finally:
+        gc.enable()
     k = n / len(idx)
-    return (time.perf_counter() - t0) * k, sum(map(len, blobs)) * k
+    return dt * k, sum(map(len, blobs)) * k
 
 
 def run_dcp(params: list[Param], mesh: Mesh, *, torch_planner: bool = True) -> dict:
