@@ -16,9 +16,9 @@ Gather-free path (``hf_storage.save``), every step as the real code runs it:
   * runs: ``hf_storage.layout.chunk_runs`` (and the file offsets) for each chunk a rank writes, for the
     first rank (coordinate (0, 0): under torch.chunk it holds the largest chunk of every tensor, so it is
     the worst rank), the middle rank and the last rank;
-  * commit: rank 0 unpickles the N gathered reports (one ``ChunkResult`` per written chunk) and runs
-    ``hf_storage.api._commit_reports`` (fingerprint check, byte tally, checksum merge); the index write and
-    the publish rename are replaced by no-ops.
+  * commit: rank 0 unpickles the N gathered reports (each rank's per-tensor byte and checksum tally, as
+    ``hf_storage.save`` sends it) and runs ``hf_storage.api._commit_reports`` (fingerprint check, byte
+    tally, checksum merge); the index write and the publish rename are replaced by no-ops.
 DCP coordinator path (``dcp.save`` with ``hf_storage.HuggingFaceStorageWriter``):
   * the N local ``SavePlan``s are built as DCP builds them (``WriteItem`` / ``TensorWriteData`` /
     ``ChunkStorageMetadata`` / ``TensorProperties``, one item per chunk, planner_data = the flatten
@@ -226,10 +226,18 @@ def _chunk_result_factory():
 
 
 def rank_report(params: list[Param], mesh: Mesh, rank: int, fingerprint: str, rng: random.Random) -> bytes:
-    """One rank's pickled report to the coordinator: (fingerprint, one ChunkResult per written chunk)."""
+    """One rank's pickled report to the coordinator, as ``hf_storage.save`` builds it.
+
+    With ``hf_storage.writer.tally`` (current code): the fingerprint and one ``(fqn, bytes, crc)`` row per
+    tensor the rank wrote; without it (older code): one ``ChunkResult`` per written chunk.
+    """
+    from hf_storage import writer
+
     make = _chunk_result_factory()
     results = [make(p.name, math.prod(sizes) * 2, rng.getrandbits(32))
                for p, _, sizes in rank_chunks(params, mesh, rank, owned_only=True)]
+    if hasattr(writer, "tally"):
+        results = [(k, *v) for k, v in writer.tally(results).items()]
     return pickle.dumps((fingerprint, results), protocol=pickle.HIGHEST_PROTOCOL)
 
 
