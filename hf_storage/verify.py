@@ -23,14 +23,13 @@ from __future__ import annotations
 import math
 import os
 import re
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from . import dtypes, header, reader
+from . import checksum, dtypes, header, reader
 from .errors import CheckpointFormatError, format_keys
 from .layout import INDEX_NAME, SINGLE_FILE_NAME, natural_key
 
@@ -357,7 +356,7 @@ def _crc32(fd: int, begin: int, nbytes: int, buf: memoryview) -> int:
         n = os.preadv(fd, [buf[:min(len(buf), end - pos)]], pos)
         if n == 0:
             raise CheckpointFormatError(f"file ends at byte {pos}, inside tensor data (truncated while verifying?)")
-        crc = zlib.crc32(buf[:n], crc)
+        crc = checksum.crc32(buf[:n], crc)
         pos += n
     return crc
 
