@@ -108,6 +108,9 @@ def process_group(info: WorldInfo, backend: str, timeout_s: float,
         dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1, **kwargs)
     try:
         yield
+        # every rank done before any tears its connections down: a rank that exits first can make gloo
+        # abort a peer still finishing its last collective ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

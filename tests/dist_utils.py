@@ -23,6 +23,7 @@ def _entry(rank: int, world_size: int, port: int, fn, args, queue) -> None:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         try:
             queue.put((rank, "ok", fn(rank, world_size, *args)))
+            dist.barrier()  # no rank tears down its gloo connections while a peer is still finishing
         finally:
             dist.destroy_process_group()
     except BaseException:

@@ -204,6 +204,7 @@ def main(argv=None) -> None:
     finally:
         with open(os.path.join(args.out, f"rank{rank}.a{attempt}.json"), "w") as f:
             json.dump(record, f)
+    dist.barrier()  # no rank tears down its gloo connections while a peer is still finishing
     dist.destroy_process_group()
 
 
