@@ -10,6 +10,9 @@ Large runs go through ``pwrite`` on I/O threads. Blocks of many small runs (colu
 on local filesystems whose files were preallocated, with one strided copy into a shared mapping of the
 block's file window (unmapped right after, so memory stays bounded): one memcpy instead of one system
 call per row, and no contention on the file's inode lock between ranks writing the same file.
+Such blocks are read the same way, from read-only (private, never written) mappings on the I/O threads,
+with the next window's pages requested (``POSIX_FADV_WILLNEED``) while the current one is copied; the
+windows in flight together stay within ``budget``. ``HF_STORAGE_MMAP=0`` turns mappings off.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ _BATCH = 4 * 2**20  # small runs are grouped into batches of about this many byt
 _INLINE = 64 * 2**10  # single runs smaller than this are written by the calling thread
 SMALL_RUN = 256 * 2**10  # blocks whose runs are shorter than this use the mapped strided copy
 _PAGE = mmap.ALLOCATIONGRANULARITY
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0) if os.environ.get("XPOP","1")=="1" else 0  # map a read window's pages in one call, not one fault each
 
 # statfs magic numbers of local filesystems whose page cache is shared by every process on the host
 _LOCAL_FS = {0xEF53, 0x58465342, 0x9123683E, 0x01021994, 0xF2F52010, 0x2FC12FC1, 0x794C7630}
@@ -44,10 +48,15 @@ def _libc():
         return None
 
 
+def mapping_enabled() -> bool:
+    """File mappings for short runs, unless ``HF_STORAGE_MMAP=0`` asks for plain ``pread``/``pwrite``."""
+    return os.environ.get("HF_STORAGE_MMAP", "1") != "0"
+
+
 def is_local_fs(path) -> bool:
     """True on ext4/xfs/btrfs/tmpfs/f2fs/zfs/overlay: mapped writes are coherent across processes."""
     libc = _libc()
-    if libc is None or os.environ.get("HF_STORAGE_MMAP", "1") == "0":
+    if libc is None or not mapping_enabled():
         return False
     buf = ctypes.create_string_buffer(256)
     if libc.statfs(os.fsencode(os.fspath(path)), buf) != 0:
@@ -99,6 +108,7 @@ class IOPool:
     def __init__(self, threads: int = 1):
         if threads < 1:
             raise ValueError(f"thread_count must be >= 1, got {threads}")
+        self.threads = threads
         self._ex = ThreadPoolExecutor(threads, thread_name_prefix="hf_storage-io")
         self._pending: list[Future] = []
 
@@ -107,6 +117,10 @@ class IOPool:
             fn(fd, *ops[0])
         else:
             self._pending.append(self._ex.submit(_run_ops, fn, fd, ops))
+
+    def call(self, fn, *args) -> None:
+        """Run ``fn(*args)`` on an I/O thread (its errors surface at the next ``drain``)."""
+        self._pending.append(self._ex.submit(fn, *args))
 
     def drain(self) -> None:
         pending, self._pending = self._pending, []
@@ -200,15 +214,10 @@ def _mapped_copy(fd: int, block: torch.Tensor, base: int, shape, sizes, first: i
     """Copy ``block`` (shape ``sizes``) into its box, whose bytes span ``[first, last_end)`` from ``base``."""
     item = block.element_size()
     lo = (base + first) // _PAGE * _PAGE
-    hi = base + last_end
-    strides = [1] * len(shape)
-    for d in range(len(shape) - 2, -1, -1):
-        strides[d] = strides[d + 1] * shape[d + 1]
-    with mmap.mmap(fd, hi - lo, offset=lo) as m:
-        window = torch.frombuffer(m, dtype=torch.uint8)
-        dst = window.as_strided((*sizes, item), (*(st * item for st in strides), 1), base + first - lo)
+    with mmap.mmap(fd, base + last_end - lo, offset=lo) as m:
+        dst = _window(m, shape, sizes, item, base + first, lo)
         dst.copy_(block.reshape(-1).view(torch.uint8).view(*sizes, item))
-        del window, dst  # release the exported buffer before the mapping closes
+        del dst  # release the exported buffer before the mapping closes
 
 
 def single_run(shape, offsets, sizes) -> int | None:
@@ -282,9 +291,45 @@ def write_box(pool: IOPool, staging: Staging, fd: int, src: torch.Tensor, base: 
     return written
 
 
+def _window(m, shape, sizes, item: int, first: int, lo: int) -> torch.Tensor:
+    """The box's bytes inside a mapping ``m`` of the file from byte ``lo``: a strided uint8 view whose last
+    dimension is the element's bytes (no alignment needed); ``first`` is the box's first byte in the file."""
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    window = torch.frombuffer(m, dtype=torch.uint8)
+    return window.as_strided((*sizes, item), (*(st * item for st in strides), 1), first - lo)
+
+
+def _mapped_read(fd: int, host: torch.Tensor, base: int, shape, sizes, first: int, last_end: int) -> None:
+    """Fill ``host`` (contiguous, stored dtype, shape ``sizes``) from its box spanning ``[first, last_end)``."""
+    item = host.element_size()
+    lo = (base + first) // _PAGE * _PAGE
+    hi = base + last_end
+    if os.fstat(fd).st_size < hi:  # a mapping past the end would raise SIGBUS; the pread path names it
+        raise CheckpointFormatError(f"unexpected end of file before byte {hi} (file truncated while reading?)")
+    # private and writable only so torch accepts the buffer; nothing writes to it, so no page is copied
+    with mmap.mmap(fd, hi - lo, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=lo) as m:
+        src = _window(m, shape, sizes, item, base + first, lo)
+        host.reshape(-1).view(torch.uint8).view(*sizes, item).copy_(src)
+        del src  # release the exported buffer before the mapping closes
+
+
+def _readahead(fd: int, base: int, shape, offsets, sizes, itemsize: int) -> None:
+    starts, length = chunk_runs(shape, offsets, sizes)
+    if len(starts):
+        first = base + int(starts[0]) * itemsize
+        os.posix_fadvise(fd, first, base + (int(starts[-1]) + length) * itemsize - first, os.POSIX_FADV_WILLNEED)
+
+
 def read_box(pool: IOPool, staging: Staging, fd: int, dst: torch.Tensor, stored_dtype: torch.dtype, base: int,
-             shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> int:
-    """Fill ``dst`` (shape ``sizes``) from the box's runs, casting from ``stored_dtype`` if needed."""
+             shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...], mapped: bool = False) -> int:
+    """Fill ``dst`` (shape ``sizes``) from the box's runs, casting from ``stored_dtype`` if needed.
+
+    With ``mapped``, a box of many short runs (column shard) is copied out of read-only file mappings of at
+    most ``budget`` bytes of whole rows: the kernel maps cached pages in batches and reads ahead, where one
+    ``pread`` per row would pay a system call for each.
+    """
     itemsize = stored_dtype.itemsize
     nbytes = dst.numel() * itemsize
     if dst.dtype == stored_dtype and _small_direct(dst, nbytes):
@@ -294,13 +339,26 @@ def read_box(pool: IOPool, staging: Staging, fd: int, dst: torch.Tensor, stored_
             return nbytes
     direct = _is_direct(dst) and dst.dtype == stored_dtype
     row_bytes = math.prod(sizes[1:]) * itemsize if sizes else itemsize
+    step = _step(sizes, row_bytes, direct, staging.budget)
+    starts, length = chunk_runs(shape, offsets, sizes)
+    use_map = mapped and len(starts) > 1 and length * itemsize < SMALL_RUN
+    if use_map:  # windows are mapped on every I/O thread at once: together they stay within the budget
+        window = staging.budget // pool.threads
+        step = min(step, max(1, window // max(math.prod(shape[1:]) * itemsize, 1)))
     nread = 0
-    for r0, n in _row_blocks(sizes, _step(sizes, row_bytes, direct, staging.budget)):
+    for r0, n in _row_blocks(sizes, step):
         block = _block(dst, r0, n)
         host = block if direct else staging.view(stored_dtype, block.shape)
         off, sz = _sub_box(offsets, sizes, r0, n)
         starts, length = chunk_runs(shape, off, sz)
-        _dispatch(pool, pread_all, fd, as_bytes(host), base, starts, length * itemsize, itemsize)
+        if use_map and r0 + n < sizes[0]:  # start reading the next block's pages while this one is copied
+            nxt, nsz = _sub_box(offsets, sizes, r0 + n, min(n, sizes[0] - r0 - n))
+            _readahead(fd, base, shape, nxt, nsz, itemsize)
+        if use_map and len(starts):
+            pool.call(_mapped_read, fd, host, base, shape, sz, int(starts[0]) * itemsize,
+                      (int(starts[-1]) + length) * itemsize)
+        else:
+            _dispatch(pool, pread_all, fd, as_bytes(host), base, starts, length * itemsize, itemsize)
         if not direct:
             pool.drain()
             block.copy_(host)

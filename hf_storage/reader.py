@@ -273,11 +273,12 @@ def read_requests(directory: Path, requests: Iterable[tuple[StoredChunk, torch.T
     files = _FileCache(directory)
     staging = _io.Staging(budget)
     total = 0
+    mapped = _io.mapping_enabled()
     try:
         with _io.IOPool(thread_count) as pool:
             for chunk, target, offsets, sizes in requests:
                 total += _io.read_box(pool, staging, files.fd(chunk.file), target, chunk.dtype, chunk.begin,
-                                      chunk.shape, offsets, sizes)
+                                      chunk.shape, offsets, sizes, mapped)
     finally:
         files.close()
     return total
