@@ -216,6 +216,23 @@ def rank_runs(params: list[Param], mesh: Mesh, rank: int, layout) -> tuple[int, 
     return runs, nbytes
 
 
+def node_exchange_plan(params: list[Param], mesh: Mesh, layout) -> tuple[int, int]:
+    """Row-assembly planning on the node of rank 0 (its TP group), as ``hf_storage.exchange.arrange`` runs it
+    on each of that node's ranks: ``(boxes, bands handed over by rank 0)``."""
+    from hf_storage import exchange
+
+    boxes = [[] for _ in range(mesh.size)]
+    nodes = [None] * mesh.size
+    for r in range(mesh.tp):  # the node's ranks: dp coordinate 0
+        nodes[r] = "node 0"
+        for p, offsets, sizes in rank_chunks(params, mesh, r, owned_only=True):
+            if exchange.wants(p.shape, offsets, sizes, 2):
+                t = layout.tensors[p.name]
+                boxes[r].append(exchange.Box(p.name, offsets, sizes, p.shape, 2, t.file, t.offset))
+    sched = exchange.plan_exchange(boxes, nodes, exchange.slot_size(64 * 2**20), "t")[0]
+    return sum(map(len, boxes)), sum(len(v) for v in sched.bands.values())
+
+
 def _chunk_result_factory():
     """``make(fqn, nbytes, crc)`` building the writer's ChunkResult, with a crc only if it has that field."""
     from hf_storage.writer import ChunkResult
@@ -266,6 +283,9 @@ def run_gather_free(params: list[Param], mesh: Mesh, *, commit: bool) -> dict:
         (runs, nbytes), _, mb = _timed_trace(lambda r=rank: rank_runs(params, mesh, r, layout))
         dt = _best_time(lambda r=rank: rank_runs(params, mesh, r, layout))
         out["ranks"][label] = {"rank": rank, "runs_s": dt, "runs_mb": mb, "runs": runs, "bytes": nbytes}
+    (boxes, bands), _, mb = _timed_trace(lambda: node_exchange_plan(params, mesh, layout))
+    out["exchange"] = {"s": _best_time(lambda: node_exchange_plan(params, mesh, layout)), "mb": mb,
+                       "boxes": boxes, "bands": bands}
     worst = max(out["ranks"].values(), key=lambda v: (v["runs"], v["bytes"]))
     out["runs_s"] = max(v["runs_s"] for v in out["ranks"].values())
     out["runs_worst_rank"], out["runs_max"] = worst["rank"], worst["runs"]
@@ -343,8 +363,8 @@ def run_dcp(params: list[Param], mesh: Mesh, *, torch_planner: bool = True) -> d
     out["layout"] = writer.layout
     rng, make = random.Random(0), _chunk_result_factory()
     results = [[WriteResult(index=it.index, size_in_bytes=math.prod(it.tensor_data.chunk.sizes) * 2,
-                            storage_data=make(it.index.fqn, math.prod(it.tensor_data.chunk.sizes) * 2,
-                                              rng.getrandbits(32)))
+                            storage_data=(make(it.index.fqn, math.prod(it.tensor_data.chunk.sizes) * 2,
+                                               rng.getrandbits(32)),))  # the writer's per-item tuple
                 for it in p.items] for p in ours]
     out["gather_results_s"], out["gather_results_bytes"] = unpickle_estimate(results)
     with no_file_io():
@@ -445,16 +465,19 @@ def _fmt(v, spec: str, est: bool = False) -> str:
 
 def tables(rows: list[dict]) -> str:
     head1 = (f"{'model':<11} {'N':>5} {'mesh':>8} {'tensors':>7} {'chunks':>9} | {'plan s':>7} {'plan MB':>7} | "
-             f"{'runs s':>7} {'runs':>8} {'rank':>5} | {'commit s':>8} {'commit MB':>9} {'reports MB':>10}")
+             f"{'runs s':>7} {'runs':>8} {'rank':>5} | {'commit s':>8} {'commit MB':>9} {'reports MB':>10} | "
+             f"{'node s':>7} {'node boxes':>10}")
     out = ["GATHER-FREE PATH (hf_storage.save): plan = layout.plan + fingerprint on every rank; runs = slowest of "
-           "first/middle/last rank, runs and rank = the one with most runs; commit = rank 0 unpickles N reports + _commit_reports",
+           "first/middle/last rank, runs and rank = the one with most runs; commit = rank 0 unpickles N reports + _commit_reports; "
+           "node = row-assembly planning on one node (8 TP ranks' column boxes, exchange.plan_exchange)",
            head1, "-" * len(head1)]
     for r in rows:
         g = r["gather_free"]
         out.append(f"{r['model']:<11} {r['n']:>5} {str(r['dp']) + 'x' + str(r['tp']):>8} {r['tensors']:>7} "
                    f"{r['chunks']:>9} | {g['plan_s']:7.3f} {g['plan_mb']:7.1f} | {g['runs_s']:7.3f} "
                    f"{g['runs_max']:>8} {g['runs_worst_rank']:>5} | {_fmt(g.get('commit_s'), '8.2f')} "
-                   f"{_fmt(g.get('commit_mb'), '9.1f')} {_fmt(g.get('report_bytes', 0) / 1e6, '10.1f')}")
+                   f"{_fmt(g.get('commit_mb'), '9.1f')} {_fmt(g.get('report_bytes', 0) / 1e6, '10.1f')} | "
+                   f"{_fmt(g.get('exchange', {}).get('s'), '7.3f')} {g.get('exchange', {}).get('boxes', '-'):>10}")
     head2 = (f"{'model':<11} {'N':>5} {'chunks':>9} | {'build s':>8} {'gather s':>8} {'gath MB':>8} | "
              f"{'torch glob s':>12} {'torch MB':>9} | {'ours plan s':>11} {'ours MB':>8} | {'finish s':>9} "
              f"{'finish MB':>9} {'res gath s':>10}")
@@ -494,6 +517,8 @@ def check_targets(rows: list[dict]) -> list[dict]:
     add(f"{name} gather-free plan (every rank)", g["plan_s"], TARGETS["plan_s"], "s")
     add(f"{name} gather-free plan memory", g["plan_mb"], TARGETS["plan_mb"], "MB")
     add(f"{name} per-rank run computation (worst rank)", g["runs_s"], TARGETS["runs_s"], "s")
+    if "exchange" in g:
+        add(f"{name} row-assembly planning on a node (every rank of it)", g["exchange"]["s"], TARGETS["runs_s"], "s")
     add(f"{name} gather-free commit on rank 0 (unpickle N reports + tally)", g.get("commit_s"), TARGETS["plan_s"], "s")
     add(f"{name} gather-free commit memory on rank 0", g.get("commit_mb"), TARGETS["plan_mb"], "MB", "RSS growth")
     d, note = big["dcp"], "measured"

@@ -186,7 +186,7 @@ def _block(t: torch.Tensor, r0: int, n: int) -> torch.Tensor:
     return t if t.dim() == 0 else t.narrow(0, r0, n)
 
 
-def _sub_box(offsets, sizes, r0: int, n: int):
+def sub_box(offsets, sizes, r0: int, n: int):
     if not sizes:
         return offsets, sizes
     return (offsets[0] + r0, *offsets[1:]), (n, *sizes[1:])
@@ -276,7 +276,7 @@ def write_box(pool: IOPool, staging: Staging, fd: int, src: torch.Tensor, base: 
             block = host
         sz = sizes
         if not single:
-            off, sz = _sub_box(offsets, sizes, r0, n)
+            off, sz = sub_box(offsets, sizes, r0, n)
             starts, length = chunk_runs(shape, off, sz)
         mv = as_bytes(block)
         if use_map and len(starts):
@@ -349,10 +349,10 @@ def read_box(pool: IOPool, staging: Staging, fd: int, dst: torch.Tensor, stored_
     for r0, n in _row_blocks(sizes, step):
         block = _block(dst, r0, n)
         host = block if direct else staging.view(stored_dtype, block.shape)
-        off, sz = _sub_box(offsets, sizes, r0, n)
+        off, sz = sub_box(offsets, sizes, r0, n)
         starts, length = chunk_runs(shape, off, sz)
         if use_map and r0 + n < sizes[0]:  # start reading the next block's pages while this one is copied
-            nxt, nsz = _sub_box(offsets, sizes, r0 + n, min(n, sizes[0] - r0 - n))
+            nxt, nsz = sub_box(offsets, sizes, r0 + n, min(n, sizes[0] - r0 - n))
             _readahead(fd, base, shape, nxt, nsz, itemsize)
         if use_map and len(starts):
             pool.call(_mapped_read, fd, host, base, shape, sz, int(starts[0]) * itemsize,

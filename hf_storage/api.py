@@ -1,18 +1,21 @@
-"""The two verbs: :func:`save` and :func:`load`, without DCP boilerplate and without gathering plans.
+"""The two verbs: :func:`save` and :func:`load`, without DCP boilerplate and without a central planner.
 
 The file layout is a pure function of global shapes, dtypes and the policy, and every rank knows those
-(DTensor metadata), so every rank plans the same layout locally. The only collectives are: rank 0 tells
-the others that the staging files exist (one broadcast), the ranks check they planned the same layout
-and report their writes to rank 0 (one gather), and rank 0 reports the commit (one broadcast).
+(DTensor metadata), so every rank plans the same layout locally. The collectives are: one all-gather, in
+which rank 0 tells the others that the staging files exist and every rank names its node and its
+column-shard boxes (from which every rank derives the same row-assembly schedule, :mod:`.exchange`); one
+barrier per round of that schedule (none without column shards); one gather, in which the ranks check
+they planned the same layout and report their writes to rank 0; and one broadcast of the outcome.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
-import re
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +23,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import _io
+from . import _io, _sync
 from . import commit as _commit
-from .errors import HFStorageError, UnsupportedEntryError, format_keys
+from . import exchange as _exchange
+from .errors import HFStorageError, PeerFailure, UnsupportedEntryError, format_keys
 from .layout import Layout, TensorSpec, plan
 from .reader import Checkpoint, check_targets, open_checkpoint, read_requests
 from .writer import Chunk, commit, create_files, tally, write_chunks
@@ -42,8 +46,9 @@ class SaveSummary:
     files: int
     tensors: int
     total_bytes: int  # bytes of tensor data in the checkpoint
-    local_bytes: int  # bytes this rank wrote
+    local_bytes: int  # bytes of this rank's shards
     seconds: float
+    assembled_bytes: int = 0  # of those, bytes assembled into whole rows on the node (column shards)
 
 
 @dataclass(frozen=True)
@@ -123,15 +128,6 @@ def _fingerprint(layout: Layout) -> str:
     return h.hexdigest()
 
 
-def _pg_timeout(group):
-    """The timeout the process group was created with (monitored_barrier's own default is 30 minutes)."""
-    try:
-        pg = group if group is not None else dist.group.WORLD
-        return pg._get_backend(torch.device("cpu")).options._timeout
-    except Exception:  # private API moved: fall back to torch's default
-        return None
-
-
 class _Collective:
     """The few collectives a save needs, as no-ops when not distributed."""
 
@@ -148,17 +144,20 @@ class _Collective:
         dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
         return box[0]
 
+    def all_gather(self, obj) -> list:
+        if not self.on:
+            return [obj]
+        out: list = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def barrier(self) -> None:
+        _sync.barrier(self.group)
+
     def gather(self, obj) -> list | None:
         if not self.on:
             return [obj]
-        if dist.get_backend(self.group) == "gloo":
-            # names the ranks that never arrive (killed, stuck in I/O) instead of a bare timeout
-            try:
-                dist.monitored_barrier(self.group, timeout=_pg_timeout(self.group), wait_all_ranks=True)
-            except RuntimeError as e:
-                m = re.search(r"Ranks? ([\d, ]+) failed", str(e))
-                who = f"rank {m.group(1).strip()} did not finish writing in time (killed or stuck in I/O)" if m else str(e)
-                raise HFStorageError(f"the save could not complete: {who}; nothing was published ({e})") from e
+        self.barrier()
         out = [None] * self.size if self.rank == 0 else None
         dist.gather_object(obj, out, dst=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
         return out
@@ -202,29 +201,39 @@ def save(
     specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
     layout = plan(specs, max_shard_size=max_shard_size, fqn_to_index_mapping=fqn_to_index_mapping)
 
-    staging, status = None, "ok"
+    local = list(_local_chunks(tensors, coll.rank))
+    slot = _exchange.slot_size(budget)
+    mine = [_exchange.Box(c.fqn, c.offsets, c.sizes, c.shape, c.data.element_size(), *placed(layout, c.fqn))
+            for c in local
+            if coll.on and _exchange.enabled() and _exchange.wants(c.shape, c.offsets, c.sizes, c.data.element_size())]
+    staging, status = None, None
     if coll.rank == 0:
         try:
             staging = _commit.begin(path, overwrite)
-            status = "mapped" if create_files(staging, layout) else "ok"
+            status = ("mapped" if create_files(staging, layout) else "ok", uuid.uuid4().hex, slot)
         except Exception as e:
             status = ("error", 0, f"{type(e).__name__}: {e}")
             if staging is not None:
                 _commit.abort(staging)
             if not coll.on:
                 raise
-            coll.broadcast(status)
+            coll.all_gather((status, None))
             _reraise(e, 0, "preparing the output")
-    status = coll.broadcast(status if coll.rank == 0 else None)
+    # one collective: rank 0's "files are ready" and, from every rank with column shards, its node
+    facts = coll.all_gather((status, _exchange.node_key(slot) if mine else None))
+    status = facts[0][0]
     _raise_remote(status, coll.rank, "preparing the output")
     staging = _commit.staging_path(path)
+    ex = _exchange_for(coll, [f[1] for f in facts], mine, status[1], status[2])
 
     report: object
     try:
-        results = write_chunks(staging, {n: (p.file, p.offset) for n, p in layout.tensors.items()},
-                               _local_chunks(tensors, coll.rank), thread_count=thread_count, budget=budget,
-                               durable=durable, checksums=checksums, mapped=status == "mapped", progress=progress)
+        results = write_chunks(staging, {n: (p.file, p.offset) for n, p in layout.tensors.items()}, local,
+                               thread_count=thread_count, budget=budget, durable=durable, checksums=checksums,
+                               mapped=status[0] == "mapped", progress=progress, exchange=ex)
         report = (_fingerprint(layout), [(k, *v) for k, v in tally(results).items()])
+    except PeerFailure:
+        raise  # a peer is gone: no collective can complete, so there is nobody to report to
     except Exception as e:
         results, report = [], ("error", coll.rank, f"{type(e).__name__}: {e}")
         local_error: Exception | None = e
@@ -249,8 +258,27 @@ def save(
             raise local_error
         _reraise(local_error, coll.rank, "the save")
     _raise_remote(outcome, coll.rank, "the save")
+    bands = ex.bands if ex is not None else {}
+    assembled = sum((hi - lo) * math.prod(c.sizes[1:]) * c.data.element_size()
+                    for c in local for lo, hi in bands.get(c.fqn, ()))
     return SaveSummary(os.fspath(path), len(layout.files), len(layout.tensors), layout.total_size,
-                       sum(r.nbytes for r in results), time.perf_counter() - start)
+                       sum(c.data.numel() * c.data.element_size() for c in local), time.perf_counter() - start,
+                       assembled)
+
+
+def placed(layout: Layout, fqn: str) -> tuple[str, int]:
+    p = layout.tensors[fqn]
+    return p.file, p.offset
+
+
+def _exchange_for(coll: _Collective, keys: list, mine: list, token: str, slot: int) -> _exchange.Exchange | None:
+    """Row assembly for this save, planned among the ranks of each node (see :mod:`.exchange`)."""
+    if all(k is None for k in keys):  # no rank has column shards it could assemble: no more collectives
+        return None
+    me = keys[coll.rank]
+    mates = [r for r, k in enumerate(keys) if me is not None and k == me]
+    schedule = _exchange.arrange(coll.rank, coll.size, mates, mine, token, slot, coll.barrier, coll.all_gather)
+    return _exchange.Exchange(schedule, coll.barrier) if schedule.rounds else None
 
 
 def _commit_reports(reports, staging: Path, path, layout: Layout, durable: bool, extra_files) -> str:

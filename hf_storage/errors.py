@@ -16,6 +16,10 @@ class HFStorageError(Exception):
     """Base class of every error this package raises on purpose."""
 
 
+class PeerFailure(HFStorageError):
+    """Another rank died or hung inside a collective of the save; no further collective can complete."""
+
+
 class CheckpointFormatError(HFStorageError, ValueError):
     """A file or index on disk breaks the safetensors / Hugging Face checkpoint format."""
 

@@ -15,19 +15,23 @@ import dataclasses
 import json
 import math
 import os
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import _io, checksum
+from . import _io, _sync, checksum
 from . import commit as _commit
-from .errors import HFStorageError, UnsupportedEntryError, format_keys
+from . import exchange as _exchange
+from .errors import HFStorageError, PeerFailure, UnsupportedEntryError, format_keys
+from .exchange import Exchange, direct_parts
 from .layout import INDEX_NAME, Layout, TensorSpec, plan
 
 FORMAT_VERSION = 1
@@ -82,27 +86,51 @@ def write_chunks(
     checksums: bool = True,
     mapped: bool = False,
     progress: Callable[[int], None] | None = None,
+    exchange: Exchange | None = None,
 ) -> list[ChunkResult]:
     """Write each chunk's runs into its file. ``placements`` maps FQN -> (file name, data offset).
 
-    ``mapped`` (from :func:`create_files`) lets short runs go through file mappings.
+    ``mapped`` (from :func:`create_files`) lets short runs go through file mappings. With ``exchange``, the
+    rows it assembles on the node are handed to it and the rest is written directly; the exchange runs
+    (with its barriers) even after a local error, which is raised afterwards.
     """
     fds: dict[str, int] = {}
+
+    def fd_of(file: str) -> int:
+        if file not in fds:
+            fds[file] = os.open(staging / file, os.O_RDWR if mapped else os.O_WRONLY)
+        return fds[file]
+
     results: list[ChunkResult] = []
+    held: dict[str, Chunk] = {}
+    failure: BaseException | None = None
     staging_buf = _io.Staging(budget)
     try:
         with _io.IOPool(thread_count) as pool:
-            for c in chunks:
-                file, base = placements[c.fqn]
-                if file not in fds:
-                    fds[file] = os.open(staging / file, os.O_RDWR if mapped else os.O_WRONLY)
-                acc = checksum.Accumulator() if checksums else None
-                n = _io.write_box(pool, staging_buf, fds[file], c.data, base, c.shape, c.offsets, c.sizes, acc,
-                                  mapped)
-                nbytes = math.prod(c.shape) * c.data.element_size()
-                results.append(ChunkResult(c.fqn, n, None if acc is None else acc.contribution(nbytes)))
-                if progress is not None:
-                    progress(n)
+            try:
+                for c in chunks:
+                    handed = exchange.bands.get(c.fqn) if exchange is not None else None
+                    if handed:
+                        held[c.fqn] = c
+                    file, base = placements[c.fqn]
+                    acc = checksum.Accumulator() if checksums else None
+                    n = _write_direct(pool, staging_buf, fd_of(file), c, base, acc, mapped, handed)
+                    if n or not handed:
+                        nbytes = math.prod(c.shape) * c.data.element_size()
+                        results.append(ChunkResult(c.fqn, n, None if acc is None else acc.contribution(nbytes)))
+                    if progress is not None and n:
+                        progress(n)
+            except Exception as e:
+                failure = e
+            if exchange is not None and exchange.schedule.rounds:
+                try:  # direct writes go on in the background meanwhile
+                    results.extend(exchange.run(held, fd_of, thread_count, checksums, failure is not None, progress))
+                except PeerFailure as e:
+                    failure = e  # nobody is left to report to: this one must surface
+                except Exception as e:
+                    failure = failure or e
+            if failure is not None:
+                raise failure
         if durable:
             for fd in fds.values():
                 os.fsync(fd)
@@ -110,6 +138,18 @@ def write_chunks(
         for fd in fds.values():
             os.close(fd)
     return results
+
+
+def _write_direct(pool: _io.IOPool, staging_buf: _io.Staging, fd: int, c: Chunk, base: int, acc, mapped: bool,
+                  handed) -> int:
+    """Write the chunk's rows that were not handed to the exchange (all of them, without one)."""
+    if not handed:
+        return _io.write_box(pool, staging_buf, fd, c.data, base, c.shape, c.offsets, c.sizes, acc, mapped)
+    n = 0
+    for r0, rows in direct_parts(c.sizes, handed):
+        off, sz = _io.sub_box(c.offsets, c.sizes, r0, rows)
+        n += _io.write_box(pool, staging_buf, fd, c.data.narrow(0, r0, rows), base, c.shape, off, sz, acc, mapped)
+    return n
 
 
 def tally(results: Iterable[ChunkResult], into: dict[str, list] | None = None) -> dict[str, list]:
@@ -169,6 +209,7 @@ class _PlanData:
     staging: str
     placements: dict[str, tuple[str, int]]
     mapped: bool = False
+    exchange: tuple[str, int, list[int]] | None = None  # row assembly: (token, slot size, ranks on this node)
 
 
 class HuggingFaceStorageWriter(StorageWriter):
@@ -244,7 +285,15 @@ class HuggingFaceStorageWriter(StorageWriter):
         self.rank = kwargs.get("rank", 0) or 0
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        return plan
+        if not _exchange_on(None):
+            return plan
+        # where this rank runs, if it has column shards: the coordinator groups such ranks by node
+        wants = any(it.tensor_data is not None and _exchange.wants(
+                        tuple(it.tensor_data.size), tuple(it.tensor_data.chunk.offsets),
+                        tuple(it.tensor_data.chunk.sizes), it.tensor_data.properties.dtype.itemsize)
+                    for it in plan.items)
+        key = _exchange.node_key(_exchange.slot_size(self.budget)) if wants else None
+        return dataclasses.replace(plan, storage_data=key)
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         specs = specs_from_plans(plans)
@@ -258,8 +307,24 @@ class HuggingFaceStorageWriter(StorageWriter):
             raise
         where = {n: (t.file, t.offset) for n, t in self.layout.tensors.items()}
         staging = str(self._staging)
-        return [dataclasses.replace(p, storage_data=_PlanData(staging, {it.index.fqn: where[it.index.fqn] for it in p.items}, mapped))
-                for p in plans]
+        groups = self._exchange_schedules(plans)
+        return [dataclasses.replace(p, storage_data=_PlanData(
+                    staging, {it.index.fqn: where[it.index.fqn] for it in p.items}, mapped, group))
+                for p, group in zip(plans, groups)]
+
+    def _exchange_schedules(self, plans: list[SavePlan]) -> list[tuple[str, int, list[int]] | None]:
+        """Row assembly over the default group (its barriers), when DCP saves over all of it: who shares a node."""
+        if not _exchange_on(len(plans)):
+            return [None] * len(plans)
+        keys = [p.storage_data if isinstance(p.storage_data, tuple) else None for p in plans]  # O(ranks)
+        if all(k is None for k in keys):
+            return [None] * len(plans)
+        nodes: dict[tuple, list[int]] = {}
+        for r, k in enumerate(keys):
+            if k is not None:
+                nodes.setdefault(k, []).append(r)
+        token, slot = uuid.uuid4().hex, _exchange.slot_size(self.budget)
+        return [(token, slot, nodes[k] if k is not None else []) for k in keys]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         data: _PlanData = plan.storage_data
@@ -269,11 +334,11 @@ class HuggingFaceStorageWriter(StorageWriter):
                 tensor = planner.resolve_data(it)
                 yield Chunk(it.index.fqn, tensor, tuple(td.size), tuple(td.chunk.offsets), tuple(td.chunk.sizes))
 
+        ex = _dcp_exchange(plan, data)
         results = write_chunks(Path(data.staging), data.placements, chunks(), thread_count=self.thread_count,
                                budget=self.budget, durable=self.durable, checksums=self.checksums, mapped=data.mapped,
-                               progress=self.progress)
-        wr = [WriteResult(index=it.index, size_in_bytes=r.nbytes, storage_data=r)
-              for it, r in zip(plan.items, results)]
+                               progress=self.progress, exchange=ex)
+        wr = _write_results(plan, results)
         fut: Future = Future()
         fut.set_result(wr)
         return fut
@@ -283,7 +348,7 @@ class HuggingFaceStorageWriter(StorageWriter):
             raise HFStorageError("finish() called before prepare_global_plan() on the coordinator")
         try:
             self.index = commit(self._staging, self.path, self.layout,
-                                tally(w.storage_data for rank in results for w in rank),
+                                tally(r for rank in results for w in rank for r in w.storage_data),
                                 durable=self.durable, extra_files=self.extra_files)
         except BaseException:
             _commit.abort(self._staging)
@@ -295,6 +360,55 @@ class HuggingFaceStorageWriter(StorageWriter):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         return isinstance(checkpoint_id, (str, os.PathLike)) and "://" not in str(checkpoint_id)
+
+
+def _dcp_exchange(plan: SavePlan, data: _PlanData) -> Exchange | None:
+    """This rank's part of row assembly in a DCP save (every rank calls it: it runs two collectives)."""
+    if data.exchange is None:
+        return None
+    token, slot, mates = data.exchange
+    mine = []
+    for it in plan.items:
+        td = it.tensor_data
+        shape, offsets, sizes = tuple(td.size), tuple(td.chunk.offsets), tuple(td.chunk.sizes)
+        if _exchange.wants(shape, offsets, sizes, td.properties.dtype.itemsize):
+            mine.append(_exchange.Box(it.index.fqn, offsets, sizes, shape, td.properties.dtype.itemsize,
+                                      *data.placements[it.index.fqn]))
+
+    def all_gather(obj) -> list:
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+    schedule = _exchange.arrange(dist.get_rank(), dist.get_world_size(), mates, mine, token, slot, _sync.barrier,
+                                 all_gather)
+    return Exchange(schedule, _sync.barrier) if schedule.rounds else None
+
+
+def _exchange_on(ranks: int | None) -> bool:
+    """Row assembly needs more than one rank and a save over the default group, whose barriers it uses
+    (``ranks``: the number of plans, None before they are known)."""
+    if not (_exchange.enabled() and dist.is_available() and dist.is_initialized()):
+        return False
+    world = dist.get_world_size()
+    return world > 1 and ranks in (None, world)
+
+
+def _write_results(plan: SavePlan, results: list[ChunkResult]) -> list[WriteResult]:
+    """One WriteResult per item, carrying that tensor's results; results for tensors this rank has no item of
+    (its share of row-assembled bands) ride on the first item."""
+    by_fqn: dict[str, list[ChunkResult]] = {}
+    for r in results:
+        by_fqn.setdefault(r.fqn, []).append(r)
+    out = []
+    for it in plan.items:
+        mine = tuple(by_fqn.pop(it.index.fqn, ()))
+        out.append(WriteResult(index=it.index, size_in_bytes=sum(r.nbytes for r in mine), storage_data=mine))
+    if out and by_fqn:
+        first = out[0]
+        extra = tuple(r for rs in by_fqn.values() for r in rs)
+        out[0] = WriteResult(index=first.index, size_in_bytes=first.size_in_bytes, storage_data=first.storage_data + extra)
+    return out
 
 
 def specs_from_plans(plans: list[SavePlan]) -> dict[str, TensorSpec]:
