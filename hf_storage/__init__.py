@@ -1,6 +1,7 @@
 """Hugging Face safetensors checkpoints for ``torch.distributed.checkpoint``, written in one pass.
 
-Every rank writes its own bytes straight into the final ``model-0000i-of-0000N.safetensors`` files; rank 0
+Every rank writes its own bytes straight into the final ``model-0000i-of-0000N.safetensors`` files (column
+shards are first assembled into whole rows with the other ranks of their node, :mod:`.exchange`); rank 0
 writes ``model.safetensors.index.json`` last, after every rank finished, and publishes the directory
 atomically. The reader loads any HF checkpoint into any sharded layout, reading only the bytes each rank
 needs.

@@ -50,6 +50,9 @@ class SaveReport:
         rate = s.total_bytes / s.seconds / 1e9 if s.seconds > 0 else float("inf")
         text = (f"saved {s.tensors} tensors in {s.files} files, {s.total_bytes / 1e9:.3f} GB to {s.path} in "
                 f"{s.seconds:.2f} s ({rate:.2f} GB/s); built the state in {self.build_seconds:.2f} s")
+        if s.assembled_bytes:
+            text += (f"; {s.assembled_bytes / 1e9:.3f} of rank 0's {s.local_bytes / 1e9:.3f} GB went through "
+                     "row assembly (column shards)")
         return text + ("; " + session.memory_line(self.peaks) if self.peaks else "")
 
 

@@ -86,6 +86,7 @@ def test_one_run_dir_rank0_writes_hydra_and_log(four_ranks, work):
     assert (runs[0] / ".hydra" / "config.yaml").is_file()
     log = (runs[0] / "save.log").read_text()
     assert "[rank0]" in log and "[rank3]" not in log and "saved 21 tensors" in log
+    assert "went through row assembly" in log  # tensor-parallel column shards, all 4 ranks on this node
     assert "[rank3]" in output  # the other ranks log to the console, prefixed
     assert "GB/s" in output and "peak RSS per rank: r0" in output and "r3" in output
 
