@@ -21,6 +21,7 @@ import ctypes
 import math
 import mmap
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -111,16 +112,31 @@ class IOPool:
         self.threads = threads
         self._ex = ThreadPoolExecutor(threads, thread_name_prefix="hf_storage-io")
         self._pending: list[Future] = []
+        self._inflight = 0  # submitted and not finished (a done-callback counts them down)
+        self._lock = threading.Lock()
+
+    def _start(self, fn, *args) -> None:
+        with self._lock:
+            self._inflight += 1
+        fut = self._ex.submit(fn, *args)
+        fut.add_done_callback(self._finished)
+        self._pending.append(fut)
+
+    def _finished(self, _fut: Future) -> None:
+        with self._lock:
+            self._inflight -= 1
 
     def submit(self, fn, fd: int, ops: list[tuple[memoryview, int]]) -> None:
-        if len(ops) == 1 and len(ops[0][0]) < _INLINE:  # a thread hand-off costs more than a small syscall
+        # a thread hand-off costs more than a small syscall, but only while nothing is in flight: behind a
+        # large write to the same file, the caller would wait for the file's lock instead of working
+        if len(ops) == 1 and len(ops[0][0]) < _INLINE and not self._inflight:
             fn(fd, *ops[0])
         else:
-            self._pending.append(self._ex.submit(_run_ops, fn, fd, ops))
+            self._start(_run_ops, fn, fd, ops)
 
     def call(self, fn, *args) -> None:
         """Run ``fn(*args)`` on an I/O thread (its errors surface at the next ``drain``)."""
-        self._pending.append(self._ex.submit(fn, *args))
+        self._start(fn, *args)
 
     def drain(self) -> None:
         pending, self._pending = self._pending, []
@@ -254,7 +270,7 @@ def write_box(pool: IOPool, staging: Staging, fd: int, src: torch.Tensor, base: 
         start = single_run(shape, offsets, sizes)
         if start is not None:
             mv = as_bytes(src)
-            pwrite_all(fd, mv, base + start * itemsize)
+            pool.submit(pwrite_all, fd, [(mv, base + start * itemsize)])  # inline unless writes are in flight
             if crc is not None:
                 crc.add_runs(mv, [start * itemsize], nbytes)
             return nbytes
