@@ -22,7 +22,8 @@ import math
 import mmap
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
@@ -114,6 +115,7 @@ class IOPool:
         self._pending: list[Future] = []
         self._inflight = 0  # submitted and not finished (a done-callback counts them down)
         self._lock = threading.Lock()
+        self.done = 0  # bytes whose writes or reads have completed (see :meth:`count`)
 
     def _start(self, fn, *args) -> None:
         with self._lock:
@@ -131,15 +133,29 @@ class IOPool:
         # large write to the same file, the caller would wait for the file's lock instead of working
         if len(ops) == 1 and len(ops[0][0]) < _INLINE and not self._inflight:
             fn(fd, *ops[0])
+            self.count(len(ops[0][0]))
         else:
-            self._start(_run_ops, fn, fd, ops)
+            self._start(self._run_ops, fn, fd, ops)
+
+    def _run_ops(self, fn, fd: int, ops: list[tuple[memoryview, int]]) -> None:
+        for buf, offset in ops:
+            fn(fd, buf, offset)
+            self.count(len(buf))
+
+    def count(self, nbytes: int) -> None:
+        """Add ``nbytes`` to :attr:`done` (ops run here count themselves; callers count what they copy)."""
+        with self._lock:
+            self.done += nbytes
 
     def call(self, fn, *args) -> None:
         """Run ``fn(*args)`` on an I/O thread (its errors surface at the next ``drain``)."""
         self._start(fn, *args)
 
-    def drain(self) -> None:
+    def drain(self, tick: Callable[[], None] | None = None) -> None:
+        """Wait for everything submitted; re-raise the first error. ``tick`` is called every 0.2 s meanwhile."""
         pending, self._pending = self._pending, []
+        while tick is not None and wait(pending, timeout=0.2).not_done:
+            tick()
         errors = [f.exception() for f in pending]
         for e in errors:
             if e is not None:
@@ -156,11 +172,6 @@ class IOPool:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _run_ops(fn, fd: int, ops: list[tuple[memoryview, int]]) -> None:
-    for buf, offset in ops:
-        fn(fd, buf, offset)
 
 
 def _dispatch(pool: IOPool, fn, fd: int, mv: memoryview, base: int, starts, run_bytes: int, itemsize: int) -> None:
@@ -297,6 +308,7 @@ def write_box(pool: IOPool, staging: Staging, fd: int, src: torch.Tensor, base: 
         mv = as_bytes(block)
         if use_map and len(starts):
             _mapped_copy(fd, block, base, shape, sz, int(starts[0]) * itemsize, (int(starts[-1]) + length) * itemsize)
+            pool.count(len(mv))
         else:
             _dispatch(pool, pwrite_all, fd, mv, base, starts, length * itemsize, itemsize)
         if crc is not None:

@@ -105,6 +105,15 @@ def write_chunks(
     held: dict[str, Chunk] = {}
     failure: BaseException | None = None
     staging_buf = _io.Staging(budget)
+    reported = 0
+
+    def tick() -> None:  # progress in completed bytes, always from this thread
+        nonlocal reported
+        done = pool.done
+        if progress is not None and done > reported:
+            progress(done - reported)
+            reported = done
+
     try:
         with _io.IOPool(thread_count) as pool:
             try:
@@ -118,8 +127,7 @@ def write_chunks(
                     if n or not handed:
                         nbytes = math.prod(c.shape) * c.data.element_size()
                         results.append(ChunkResult(c.fqn, n, None if acc is None else acc.contribution(nbytes)))
-                    if progress is not None and n:
-                        progress(n)
+                    tick()
             except Exception as e:
                 failure = e
             if exchange is not None and exchange.schedule.rounds:
@@ -131,6 +139,8 @@ def write_chunks(
                     failure = failure or e
             if failure is not None:
                 raise failure
+            pool.drain(tick)
+            tick()
         if durable:
             for fd in fds.values():
                 os.fsync(fd)
@@ -228,7 +238,8 @@ class HuggingFaceStorageWriter(StorageWriter):
         extra_files: ``{name: bytes | str}`` written beside the weights before publication (``config.json``).
         checksums: record each tensor's CRC-32 in the index (computed while writing, no second read).
         budget: bytes of host staging buffer for CUDA / non-contiguous tensors.
-        progress: called with a byte count after each chunk this rank writes.
+        progress: called on the saving thread with counts of this rank's bytes as their writes complete
+            (column-shard rows: as they are handed to row assembly); the counts add up to its bytes.
 
     Example::
 

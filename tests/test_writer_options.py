@@ -58,3 +58,40 @@ def test_load_into_non_contiguous_targets_and_casts(tmp_path):
     t16 = {"layers.0.w": torch.zeros(32, 48, dtype=torch.float32)}
     hf_storage.load(t16, tmp_path / "c", strict=False, allow_cast=True)
     assert torch.equal(t16["layers.0.w"], sd["layers.0.w"].float())
+
+
+def test_progress_counts_completed_writes_on_the_calling_thread(tmp_path, monkeypatch):
+    """The bar must not run ahead of the disk: every report is at most what the I/O threads have finished."""
+    import threading
+    import time
+
+    from hf_storage import _io
+
+    real = _io.pwrite_all
+    finished = [0]
+    lock = threading.Lock()
+
+    def slow_pwrite(fd, buf, offset):
+        time.sleep(0.05)
+        real(fd, buf, offset)
+        with lock:
+            finished[0] += len(buf)
+
+    monkeypatch.setattr(_io, "pwrite_all", slow_pwrite)
+    monkeypatch.setattr(_io, "_SPLIT", 256 * 1024)  # several ops per tensor
+    sd = {f"w{i}": torch.randn(256, 1024) for i in range(3)}  # 1 MiB each
+    reports, main = [], threading.get_ident()
+
+    def progress(n):
+        with lock:
+            reports.append((n, finished[0], threading.get_ident()))
+
+    hf_storage.save(sd, tmp_path / "c", thread_count=2, progress=progress)
+    total = sum(t.numel() * 4 for t in sd.values())
+    assert sum(n for n, _, _ in reports) == total
+    seen = 0
+    for n, done, ident in reports:
+        seen += n
+        assert seen <= done, "progress reported bytes whose writes had not finished"
+        assert ident == main
+    assert len(reports) > 1
