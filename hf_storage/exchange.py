@@ -37,6 +37,7 @@ from . import _io, checksum
 from .errors import HFStorageError
 
 SLOT_MAX = 32 * 2**20  # bytes per slot; the node maps two
+_HEADROOM = 4  # use /dev/shm only if it has room for this many times the two slots
 _ALIGN = 64  # bands start on this boundary in a slot, so any dtype can view them
 
 
@@ -68,13 +69,17 @@ def slot_size(budget: int) -> int:
 
 def node_key(slot: int) -> tuple | None:
     """Identifies the shared-memory filesystem this process sees (host name and the directory's device and
-    inode: two containers on one host with separate ``/dev/shm`` differ); None when it cannot hold two slots."""
+    inode: two containers on one host with separate ``/dev/shm`` differ). None when it is not writable or has
+    room for fewer than four times the two slots (NCCL and others need ``/dev/shm`` too: a container's
+    default 64 MB is left alone), unless this process already maps slots of this size."""
     d = shm_dir()
     try:
         st, vfs = os.stat(d), os.statvfs(d)
     except OSError:
         return None
-    if not os.access(d, os.W_OK) or vfs.f_bavail * vfs.f_frsize < 2 * slot:
+    kept = held()
+    roomy = vfs.f_bavail * vfs.f_frsize >= _HEADROOM * 2 * slot or (kept is not None and kept[1] == slot)
+    if not os.access(d, os.W_OK) or not roomy:
         return None
     return (socket.gethostname(), st.st_dev, st.st_ino)
 

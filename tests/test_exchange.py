@@ -197,6 +197,26 @@ def test_kept_slots_are_reused_only_when_every_rank_of_the_node_has_them():
     assert [s.token for s in scheds] == ["new", "new"]  # kept slots of another size are not reused
 
 
+def test_a_small_shared_memory_filesystem_is_left_alone(tmp_path, monkeypatch):
+    """A container's default 64 MB /dev/shm is NCCL's: row assembly wants room for 4x its two slots."""
+    import types
+
+    monkeypatch.setenv("HF_STORAGE_SHM_DIR", str(tmp_path))
+    slot = exchange.slot_size(64 * 2**20)
+
+    def free(n):
+        monkeypatch.setattr(exchange.os, "statvfs", lambda d: types.SimpleNamespace(f_bavail=n, f_frsize=1))
+
+    free(4 * 2 * slot)
+    assert exchange.node_key(slot) is not None
+    free(4 * 2 * slot - 1)
+    assert exchange.node_key(slot) is None
+    monkeypatch.setattr(exchange, "held", lambda: ("t", slot))  # slots this process already maps: no new room needed
+    assert exchange.node_key(slot) is not None
+    monkeypatch.setenv("HF_STORAGE_SHM_DIR", str(tmp_path / "missing"))
+    assert exchange.node_key(slot) is None
+
+
 def test_direct_parts_are_the_complement_of_the_handed_rows():
     assert exchange.direct_parts((10, 4), [(2, 5)]) == [(0, 2), (5, 5)]
     assert exchange.direct_parts((10, 4), [(0, 10)]) == []
