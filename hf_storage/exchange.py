@@ -34,7 +34,6 @@ from typing import NamedTuple
 import torch
 
 from . import _io, checksum
-from .errors import HFStorageError
 
 SLOT_MAX = 32 * 2**20  # bytes per slot; the node maps two
 _HEADROOM = 4  # use /dev/shm only if it has room for this many times the two slots
@@ -385,7 +384,7 @@ class Exchange:
         from .writer import ChunkResult
 
         s = self.schedule
-        error: BaseException | None = HFStorageError(s.error) if s.error else None
+        error: BaseException | None = OSError(s.error) if s.error else None  # the caller names this rank
         slots, fresh = None, False
         if not failed and error is None and (s.copies or s.writes):
             slots = _held.get(s.token)

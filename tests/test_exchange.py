@@ -332,3 +332,35 @@ def test_a_rank_failing_mid_exchange_fails_the_save_everywhere_without_a_hang(tm
     assert all("rank 1" in e for e in errors), errors
     assert not out.exists(), "nothing may be published"
     assert list((tmp_path / "shm").iterdir()) == []
+
+
+def _rank_1_cannot_read_the_plan(rank: int, world: int, out: str, shm: str):
+    import builtins
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    os.environ["HF_STORAGE_SHM_DIR"] = shm
+    if rank == 1:
+        def refuse(path, mode="r", *args, **kwargs):
+            if str(path).endswith(".0.json") and "r" in mode:
+                raise OSError(5, "Input/output error", str(path))
+            return builtins.open(path, mode, *args, **kwargs)
+
+        exchange.open = refuse  # the module's own name for open: only its reads of rank 0's boxes fail
+    mesh = init_device_mesh("cpu", (world,))
+    sd = {"w": distribute_tensor(torch.arange(64.0).reshape(8, 8), mesh, [Shard(1)])}
+    try:
+        hf_storage.save(sd, out)
+    except hf_storage.HFStorageError as e:
+        return str(e)
+    return "no error"
+
+
+def test_a_rank_that_cannot_read_its_nodes_plan_fails_the_save_without_a_hang(tmp_path: Path):
+    (tmp_path / "shm").mkdir()
+    out = tmp_path / "ckpt"
+    errors = run_ranks(_rank_1_cannot_read_the_plan, 2, str(out), str(tmp_path / "shm"), timeout=120)
+    assert all("rank 1" in e and "reading the boxes" in e for e in errors), errors
+    assert not out.exists()
+    assert list((tmp_path / "shm").iterdir()) == []
