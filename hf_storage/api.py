@@ -2,10 +2,10 @@
 
 The file layout is a pure function of global shapes, dtypes and the policy, and every rank knows those
 (DTensor metadata), so every rank plans the same layout locally. The collectives are: one all-gather, in
-which rank 0 tells the others that the staging files exist and every rank names its node and its
-column-shard boxes (from which every rank derives the same row-assembly schedule, :mod:`.exchange`); one
-barrier per round of that schedule (none without column shards); one gather, in which the ranks check
-they planned the same layout and report their writes to rank 0; and one broadcast of the outcome.
+which rank 0 tells the others that the staging files exist and every rank with column shards names its
+node; only with column shards, one barrier and one all-gather of round counts to plan row assembly per
+node (:mod:`.exchange`), then one barrier per round; one gather, in which the ranks check they planned
+the same layout and report their writes to rank 0; and one broadcast of the outcome.
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def save(
 
     local = list(_local_chunks(tensors, coll.rank))
     slot = _exchange.slot_size(budget)
-    mine = [_exchange.Box(c.fqn, c.offsets, c.sizes, c.shape, c.data.element_size(), *placed(layout, c.fqn))
+    mine = [_exchange.Box(c.fqn, c.offsets, c.sizes, c.shape, c.data.element_size(), *_placed(layout, c.fqn))
             for c in local
             if coll.on and _exchange.enabled() and _exchange.wants(c.shape, c.offsets, c.sizes, c.data.element_size())]
     staging, status = None, None
@@ -266,7 +266,7 @@ def save(
                        assembled)
 
 
-def placed(layout: Layout, fqn: str) -> tuple[str, int]:
+def _placed(layout: Layout, fqn: str) -> tuple[str, int]:
     p = layout.tensors[fqn]
     return p.file, p.offset
 

@@ -299,10 +299,7 @@ class HuggingFaceStorageWriter(StorageWriter):
         if not _exchange_on(None):
             return plan
         # where this rank runs, if it has column shards: the coordinator groups such ranks by node
-        wants = any(it.tensor_data is not None and _exchange.wants(
-                        tuple(it.tensor_data.size), tuple(it.tensor_data.chunk.offsets),
-                        tuple(it.tensor_data.chunk.sizes), it.tensor_data.properties.dtype.itemsize)
-                    for it in plan.items)
+        wants = any(True for _ in _column_boxes(plan.items))
         key = _exchange.node_key(_exchange.slot_size(self.budget)) if wants else None
         return dataclasses.replace(plan, storage_data=key)
 
@@ -373,18 +370,23 @@ class HuggingFaceStorageWriter(StorageWriter):
         return isinstance(checkpoint_id, (str, os.PathLike)) and "://" not in str(checkpoint_id)
 
 
+def _column_boxes(items):
+    """``(fqn, offsets, sizes, shape, itemsize)`` of the write items that row assembly takes (column shards)."""
+    for it in items:
+        td = it.tensor_data
+        if td is None:
+            continue
+        shape, offsets, sizes = tuple(td.size), tuple(td.chunk.offsets), tuple(td.chunk.sizes)
+        if _exchange.wants(shape, offsets, sizes, td.properties.dtype.itemsize):
+            yield it.index.fqn, offsets, sizes, shape, td.properties.dtype.itemsize
+
+
 def _dcp_exchange(plan: SavePlan, data: _PlanData) -> Exchange | None:
     """This rank's part of row assembly in a DCP save (every rank calls it: it runs two collectives)."""
     if data.exchange is None:
         return None
     token, slot, mates = data.exchange
-    mine = []
-    for it in plan.items:
-        td = it.tensor_data
-        shape, offsets, sizes = tuple(td.size), tuple(td.chunk.offsets), tuple(td.chunk.sizes)
-        if _exchange.wants(shape, offsets, sizes, td.properties.dtype.itemsize):
-            mine.append(_exchange.Box(it.index.fqn, offsets, sizes, shape, td.properties.dtype.itemsize,
-                                      *data.placements[it.index.fqn]))
+    mine = [_exchange.Box(*box, *data.placements[box[0]]) for box in _column_boxes(plan.items)]
 
     def all_gather(obj) -> list:
         out: list = [None] * dist.get_world_size()
