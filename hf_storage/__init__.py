@@ -1,7 +1,7 @@
 """Hugging Face safetensors checkpoints for ``torch.distributed.checkpoint``, written in one pass.
 
 Every rank writes its own bytes straight into the final ``model-0000i-of-0000N.safetensors`` files (column
-shards are first assembled into whole rows with the other ranks of their node, :mod:`.exchange`); rank 0
+shards are first assembled into whole rows with the other ranks of their node, :mod:`.row_assembly`); rank 0
 writes ``model.safetensors.index.json`` last, after every rank finished, and publishes the directory
 atomically. The reader loads any HF checkpoint into any sharded layout, reading only the bytes each rank
 needs.
@@ -17,17 +17,20 @@ or, with DCP::
 """
 
 from .api import LoadSummary, SaveSummary, load, save
+from .box import Box
+from .dcp import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from .errors import (
     CheckpointExistsError,
     CheckpointFormatError,
+    CheckpointLockedError,
     HFStorageError,
     LayoutError,
+    SaveError,
     StateDictMismatchError,
     UnsupportedEntryError,
 )
 from .layout import Layout, TensorSpec, parse_size, plan
-from .reader import HuggingFaceStorageReader, open_checkpoint
-from .writer import HuggingFaceStorageWriter
+from .reader import open_checkpoint
 
 __all__ = [
     "save",
@@ -44,6 +47,9 @@ __all__ = [
     "HFStorageError",
     "CheckpointFormatError",
     "CheckpointExistsError",
+    "CheckpointLockedError",
+    "SaveError",
+    "Box",
     "StateDictMismatchError",
     "UnsupportedEntryError",
     "LayoutError",

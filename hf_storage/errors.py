@@ -9,6 +9,8 @@ __all__ = [
     "UnsupportedEntryError",
     "LayoutError",
     "CheckpointExistsError",
+    "CheckpointLockedError",
+    "SaveError",
 ]
 
 
@@ -47,3 +49,16 @@ def format_keys(keys, limit: int = 20) -> str:
     if len(keys) > limit:
         shown += f", ... ({len(keys) - limit} more)"
     return shown
+
+
+class CheckpointLockedError(HFStorageError):
+    """Another save of the same target is in progress; the message names it (host, pid, start time)."""
+
+
+class SaveError(HFStorageError):
+    """A save failed on one or more ranks; raised on every rank with the same message. ``failures`` maps each
+    failing rank to what went wrong there."""
+
+    def __init__(self, message: str, failures: dict[int, str] | None = None):
+        super().__init__(message)
+        self.failures = dict(failures or {})

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import dtypes, header
+from .box import Box
 from .errors import LayoutError, format_keys
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -181,28 +182,5 @@ def _build(groups: list[list[TensorSpec]], order: list[str]) -> Layout:
 
 
 def chunk_runs(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[np.ndarray, int]:
-    """Contiguous runs of a box inside a row-major tensor.
-
-    Returns ``(starts, length)`` in elements: the box, read in row-major order, is the concatenation of
-    ``[start, start + length)`` for each start. A row shard is one run; a column shard one run per row.
-    """
-    if len(shape) != len(offsets) or len(shape) != len(sizes):
-        raise LayoutError(f"box offsets {offsets} / sizes {sizes} do not match shape {shape}")
-    if any(s < 0 or o < 0 or o + s > d for d, o, s in zip(shape, offsets, sizes)):
-        raise LayoutError(f"box offsets {offsets} sizes {sizes} fall outside shape {shape}")
-    if any(s == 0 for s in sizes):
-        return np.empty(0, dtype=np.int64), 0
-    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
-    k = len(shape) - 1
-    while k >= 0 and sizes[k] == shape[k]:
-        k -= 1
-    if k < 0:
-        return np.zeros(1, dtype=np.int64), math.prod(shape)
-    length = sizes[k] * strides[k]
-    if all(s == 1 for s in sizes[:k]):  # a single run (row shards, whole tensors): no index arithmetic
-        return np.array([sum(o * st for o, st in zip(offsets, strides))], dtype=np.int64), length
-    starts = np.array([sum(o * st for o, st in zip(offsets, strides))], dtype=np.int64)
-    for i in range(k):
-        if sizes[i] > 1:
-            starts = np.add.outer(starts, np.arange(sizes[i], dtype=np.int64) * strides[i]).ravel()
-    return starts, length
+    """Contiguous runs of a box inside a row-major tensor: :meth:`hf_storage.box.Box.runs`."""
+    return Box(tuple(offsets), tuple(sizes)).runs(tuple(shape))

@@ -24,15 +24,12 @@ from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
-    StorageMeta,
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
-from torch.distributed.checkpoint.storage import StorageReader
-from torch.futures import Future
 
-from . import _io, dtypes, header
+from . import dtypes, engine, header
+from .box import Box
 from .errors import CheckpointFormatError, StateDictMismatchError, format_keys
 from .layout import INDEX_NAME, SINGLE_FILE_NAME
 
@@ -267,90 +264,19 @@ class _FileCache:
         self.fds.clear()
 
 
-def read_requests(directory: Path, requests: Iterable[tuple[StoredChunk, torch.Tensor, tuple[int, ...], tuple[int, ...]]],
-                  *, thread_count: int = 1, budget: int = _io.DEFAULT_BUDGET) -> int:
-    """Fill each target from the box ``(offsets, sizes)`` of a stored chunk. Returns bytes read."""
+def read_requests(directory: Path, requests: Iterable[tuple[StoredChunk, torch.Tensor, Box]], *,
+                  thread_count: int = 1, budget: int = engine.DEFAULT_BUDGET) -> int:
+    """Fill each target from the box (offsets and sizes inside the stored piece) of a stored piece.
+    Returns bytes read."""
     files = _FileCache(directory)
-    staging = _io.Staging(budget)
+    buf = engine.HostBuffer(budget)
     total = 0
-    mapped = _io.mapping_enabled()
+    mapped = engine.is_local_fs(directory)
     try:
-        with _io.IOPool(thread_count) as pool:
-            for chunk, target, offsets, sizes in requests:
-                total += _io.read_box(pool, staging, files.fd(chunk.file), target, chunk.dtype, chunk.begin,
-                                      chunk.shape, offsets, sizes, mapped)
+        with engine.IOPool(thread_count) as pool:
+            for chunk, target, box in requests:
+                place = engine.Place(files.fd(chunk.file), chunk.begin, chunk.shape)
+                total += engine.read_box(pool, buf, place, target, chunk.dtype, box, mapped)
     finally:
         files.close()
     return total
-
-
-class HuggingFaceStorageReader(StorageReader):
-    """DCP storage reader for Hugging Face safetensors checkpoints; drop-in for torch's class.
-
-    Loads into any target layout (plain tensors, DTensors on 1-D/2-D meshes, another world size than the
-    save), reading only the byte ranges each rank's targets need. A target whose dtype differs from the
-    stored one raises :class:`StateDictMismatchError` naming every such key, unless ``allow_cast=True``.
-
-    Example::
-
-        dcp.load(state_dict, storage_reader=HuggingFaceStorageReader("/ckpt/step-1000"))
-    """
-
-    def __init__(self, path: str | os.PathLike, thread_count: int = 1, *, allow_cast: bool = False,
-                 budget: int = _io.DEFAULT_BUDGET) -> None:
-        super().__init__()
-        if thread_count < 1:
-            raise ValueError(f"thread_count must be >= 1, got {thread_count}")
-        self.path = Path(path)
-        self.thread_count = thread_count
-        self.allow_cast = allow_cast
-        self.budget = budget
-        self.storage_data: dict[MetadataIndex, StoredChunk] = {}
-        self.load_id: str | None = None
-
-    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
-        if checkpoint_id is not None:
-            self.path = Path(checkpoint_id)
-        self.storage_data = {}
-
-    def read_metadata(self, *args, **kwargs) -> Metadata:
-        md = to_metadata(open_checkpoint(self.path))
-        md.storage_meta = StorageMeta(checkpoint_id=str(self.path), load_id=self.load_id)
-        return md
-
-    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs) -> None:
-        self.storage_data = metadata.storage_data
-
-    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return plan
-
-    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
-
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        bad = [it.dest_index.fqn for it in plan.items if it.type != LoadItemType.TENSOR]
-        if bad:
-            raise StateDictMismatchError(f"safetensors checkpoints hold tensors only; cannot load {format_keys(sorted(set(bad)))}")
-        work, mismatched = [], set()
-        for it in plan.items:
-            chunk = self.storage_data[it.storage_index]
-            target = planner.resolve_tensor(it).detach()
-            if target.dtype != chunk.dtype and not self.allow_cast:
-                mismatched.add(f"{it.dest_index.fqn} (target {target.dtype}, stored {chunk.dtype})")
-            work.append((it, chunk, target))
-        if mismatched:
-            raise StateDictMismatchError(
-                f"dtype mismatch for {format_keys(sorted(mismatched))}; build the targets with the stored dtypes "
-                "or pass allow_cast=True")
-        read_requests(self.path, ((c, t, tuple(it.storage_offsets), tuple(it.lengths)) for it, c, t in work),
-                      thread_count=self.thread_count, budget=self.budget)
-        for it, _, target in work:
-            planner.commit_tensor(it, target)
-        fut: Future = Future()
-        fut.set_result(None)
-        return fut
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        p = Path(checkpoint_id)
-        return p.is_dir() and ((p / INDEX_NAME).is_file() or any(p.glob("*.safetensors")))

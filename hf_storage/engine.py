@@ -1,7 +1,7 @@
 """Byte movement between tensors and safetensors files: ``pwrite``/``preadv`` of contiguous runs.
 
 A *box* is a chunk of a row-major tensor stored at ``base`` in a file (global ``shape``, ``offsets``,
-``sizes``). Its bytes are a set of contiguous runs (:func:`hf_storage.layout.chunk_runs`): one for a
+``sizes``, a :class:`~hf_storage.box.Box`). Its bytes are a set of contiguous runs (:meth:`Box.runs`): one for a
 row shard, one per row for a column shard. CPU tensors that are contiguous are written from / read into
 their own memory; anything else (CUDA, non-contiguous views, a dtype cast on load) goes through a
 staging buffer of at most ``budget`` bytes, one block of leading-dimension rows at a time.
@@ -24,12 +24,16 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import NamedTuple
+
+import numpy as np
 
 import torch
 
+from . import settings
+from .box import Box, strides
 from .checksum import Accumulator
 from .errors import CheckpointFormatError
-from .layout import chunk_runs
 
 DEFAULT_BUDGET = 64 * 2**20
 _SPLIT = 32 * 2**20  # large runs are cut into pieces of this size so threads share them
@@ -37,10 +41,12 @@ _BATCH = 4 * 2**20  # small runs are grouped into batches of about this many byt
 _INLINE = 64 * 2**10  # single runs smaller than this are written by the calling thread
 SMALL_RUN = 256 * 2**10  # blocks whose runs are shorter than this use the mapped strided copy
 _PAGE = mmap.ALLOCATIONGRANULARITY
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0) if os.environ.get("XPOP","1")=="1" else 0  # map a read window's pages in one call, not one fault each
 
-# statfs magic numbers of local filesystems whose page cache is shared by every process on the host
-_LOCAL_FS = {0xEF53, 0x58465342, 0x9123683E, 0x01021994, 0xF2F52010, 0x2FC12FC1, 0x794C7630}
+# statfs magic numbers of local filesystems whose page cache is shared by every process on the host and whose
+# preallocated blocks stay reserved (ext4, xfs, btrfs, tmpfs, f2fs, overlay). Not ZFS: copy-on-write cannot
+# reserve blocks, so a full pool would fail a mapped write as SIGBUS. Nor NFS/Lustre: an I/O error there is a
+# SIGBUS too. Those filesystems get plain pread/pwrite.
+_LOCAL_FS = {0xEF53, 0x58465342, 0x9123683E, 0x01021994, 0xF2F52010, 0x794C7630}
 
 
 def _libc():
@@ -50,15 +56,11 @@ def _libc():
         return None
 
 
-def mapping_enabled() -> bool:
-    """File mappings for short runs, unless ``HF_STORAGE_MMAP=0`` asks for plain ``pread``/``pwrite``."""
-    return os.environ.get("HF_STORAGE_MMAP", "1") != "0"
-
-
 def is_local_fs(path) -> bool:
-    """True on ext4/xfs/btrfs/tmpfs/f2fs/zfs/overlay: mapped writes are coherent across processes."""
+    """True on ext4/xfs/btrfs/tmpfs/f2fs/overlay: file mappings are coherent across processes, and an I/O
+    error cannot turn into SIGBUS once the blocks are reserved. False when ``HF_STORAGE_MMAP=0``."""
     libc = _libc()
-    if libc is None or not mapping_enabled():
+    if libc is None or not settings.mapping():
         return False
     buf = ctypes.create_string_buffer(256)
     if libc.statfs(os.fsencode(os.fspath(path)), buf) != 0:
@@ -174,19 +176,19 @@ class IOPool:
         self.close()
 
 
-def _dispatch(pool: IOPool, fn, fd: int, mv: memoryview, base: int, starts, run_bytes: int, itemsize: int) -> None:
-    """Submit the runs of one contiguous block: ``mv`` holds the runs back to back."""
+def _dispatch(pool: IOPool, fn, fd: int, mv: memoryview, base: int, starts: np.ndarray, run_bytes: int) -> None:
+    """Submit the runs of one contiguous block: ``mv`` holds the runs back to back; ``starts`` in bytes."""
     if run_bytes == 0:
         return
     if len(starts) == 1:
-        off = base + int(starts[0]) * itemsize
+        off = base + int(starts[0])
         for i in range(0, run_bytes, _SPLIT):
-            pool.submit(fn, fd, [(mv[i:i + _SPLIT], off + i)])
+            pool.submit(fn, fd, [(mv[i : i + _SPLIT], off + i)])
         return
     per_batch = max(1, _BATCH // run_bytes)
-    offs = (starts * itemsize + base).tolist()
+    offs = (starts + base).tolist()
     for b in range(0, len(offs), per_batch):
-        ops = [(mv[k * run_bytes:(k + 1) * run_bytes], offs[k]) for k in range(b, min(b + per_batch, len(offs)))]
+        ops = [(mv[k * run_bytes : (k + 1) * run_bytes], offs[k]) for k in range(b, min(b + per_batch, len(offs)))]
         pool.submit(fn, fd, ops)
 
 
@@ -213,63 +215,60 @@ def _block(t: torch.Tensor, r0: int, n: int) -> torch.Tensor:
     return t if t.dim() == 0 else t.narrow(0, r0, n)
 
 
-def sub_box(offsets, sizes, r0: int, n: int):
-    if not sizes:
-        return offsets, sizes
-    return (offsets[0] + r0, *offsets[1:]), (n, *sizes[1:])
+class Place(NamedTuple):
+    """Where a tensor lives: an open file, the absolute offset of its first byte, its global shape."""
+
+    fd: int
+    base: int
+    shape: tuple[int, ...]
+
+    def span(self, box: Box, itemsize: int) -> tuple[int, int, np.ndarray, int]:
+        """``(first byte, end byte, run starts in bytes from base, run length in bytes)`` of ``box``."""
+        starts, length = box.runs(self.shape)
+        first = int(starts[0]) * itemsize if len(starts) else 0
+        end = (int(starts[-1]) + length) * itemsize if len(starts) else 0
+        return first, end, starts * itemsize, length * itemsize
 
 
-class Staging:
-    """A reusable host buffer (pinned when CUDA is present) of at most ``budget`` bytes."""
+class HostBuffer:
+    """A reusable host buffer of at most ``budget`` bytes for data that cannot be written from its own memory
+    (CUDA tensors, non-contiguous views, casts). Pinned only when the data it takes is on a CUDA device."""
 
     def __init__(self, budget: int = DEFAULT_BUDGET):
         self.budget = budget
         self._buf: torch.Tensor | None = None
 
-    def view(self, dtype: torch.dtype, shape) -> torch.Tensor:
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * dtype.itemsize
-        if self._buf is None or self._buf.numel() < nbytes:
-            pin = torch.cuda.is_available()
+    def view(self, dtype: torch.dtype, shape, pin: bool = False) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self._buf is None or self._buf.numel() < nbytes or (pin and not self._buf.is_pinned()):
             self._buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
         return self._buf[:nbytes].view(dtype).view(tuple(shape))
 
 
-def _mapped_copy(fd: int, block: torch.Tensor, base: int, shape, sizes, first: int, last_end: int) -> None:
-    """Copy ``block`` (shape ``sizes``) into its box, whose bytes span ``[first, last_end)`` from ``base``."""
+def _window(m, shape, sizes, item: int, first: int, lo: int) -> torch.Tensor:
+    """The box's bytes inside a mapping ``m`` of the file from byte ``lo``: a strided uint8 view whose last
+    dimension is the element's bytes (no alignment needed); ``first`` is the box's first byte in the file."""
+    window = torch.frombuffer(m, dtype=torch.uint8)
+    return window.as_strided((*sizes, item), (*(st * item for st in strides(shape)), 1), first - lo)
+
+
+def _mapped_copy(place: Place, block: torch.Tensor, box: Box, first: int, end: int) -> None:
+    """Copy ``block`` (shape ``box.sizes``) into its box, whose bytes span ``[first, end)`` from the base."""
     item = block.element_size()
-    lo = (base + first) // _PAGE * _PAGE
-    with mmap.mmap(fd, base + last_end - lo, offset=lo) as m:
-        dst = _window(m, shape, sizes, item, base + first, lo)
-        dst.copy_(block.reshape(-1).view(torch.uint8).view(*sizes, item))
+    lo = (place.base + first) // _PAGE * _PAGE
+    with mmap.mmap(place.fd, place.base + end - lo, offset=lo) as m:
+        dst = _window(m, place.shape, box.sizes, item, place.base + first, lo)
+        dst.copy_(block.reshape(-1).view(torch.uint8).view(*box.sizes, item))
         del dst  # release the exported buffer before the mapping closes
-
-
-def single_run(shape, offsets, sizes) -> int | None:
-    """Element offset of a box that is one contiguous run of its tensor (row shard, whole tensor), else None."""
-    k = len(shape) - 1
-    while k >= 0 and sizes[k] == shape[k]:
-        k -= 1
-    for d in range(k):
-        if sizes[d] != 1:
-            return None
-    start, stride = 0, 1
-    for d in range(len(shape) - 1, -1, -1):
-        start += offsets[d] * stride
-        stride *= shape[d]
-    return start
 
 
 def _small_direct(t: torch.Tensor, nbytes: int) -> bool:
     return nbytes < _INLINE and t.device.type == "cpu" and t.is_contiguous()
 
 
-def write_box(pool: IOPool, staging: Staging, fd: int, src: torch.Tensor, base: int,
-              shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...],
+def write_box(pool: IOPool, buf: HostBuffer, place: Place, src: torch.Tensor, box: Box,
               crc: Accumulator | None = None, mapped: bool = False) -> int:
-    """Write ``src`` (the box's data, shape ``sizes``) into its runs. Returns bytes written.
+    """Write ``src`` (the box's data, shape ``box.sizes``) into its runs. Returns bytes written.
 
     With ``crc``, the runs are also folded into that checksum accumulator while the writes proceed.
     With ``mapped``, a box of many short runs is copied through file mappings of at most ``budget`` bytes
@@ -278,81 +277,68 @@ def write_box(pool: IOPool, staging: Staging, fd: int, src: torch.Tensor, base: 
     itemsize = src.element_size()
     nbytes = src.numel() * itemsize
     if _small_direct(src, nbytes):  # many small tensors (MoE): one inline pwrite, no run arithmetic
-        start = single_run(shape, offsets, sizes)
+        start = box.single_run(place.shape)
         if start is not None:
             mv = as_bytes(src)
-            pool.submit(pwrite_all, fd, [(mv, base + start * itemsize)])  # inline unless writes are in flight
+            pool.submit(pwrite_all, place.fd, [(mv, place.base + start * itemsize)])  # inline unless busy
             if crc is not None:
                 crc.add_runs(mv, [start * itemsize], nbytes)
             return nbytes
     direct = _is_direct(src)
-    row_bytes = math.prod(sizes[1:]) * itemsize if sizes else itemsize
-    step = _step(sizes, row_bytes, direct, staging.budget)
-    starts, length = chunk_runs(shape, offsets, sizes)
-    use_map = mapped and len(starts) > 1 and length * itemsize < SMALL_RUN
+    first, end, starts, run = place.span(box, itemsize)
+    use_map = mapped and len(starts) > 1 and run < SMALL_RUN
+    step = _step(box.sizes, math.prod(box.sizes[1:]) * itemsize if box.sizes else itemsize, direct, buf.budget)
     if use_map:  # the mapped window spans whole global rows: bound it by the budget
-        step = min(step, max(1, staging.budget // max(math.prod(shape[1:]) * itemsize, 1)))
-    single = not sizes or step >= sizes[0]  # one block: reuse the runs computed above, no narrowing
-    written = 0
-    for r0, n in _row_blocks(sizes, step):
+        step = min(step, max(1, buf.budget // max(math.prod(place.shape[1:]) * itemsize, 1)))
+    single = not box.sizes or step >= box.sizes[0]  # one block: reuse the runs computed above
+    for r0, n in _row_blocks(box.sizes, step):
         block = src if single else _block(src, r0, n)
         if not direct:
-            pool.drain()  # the staging buffer is about to be reused
-            host = staging.view(block.dtype, block.shape)
+            pool.drain()  # the host buffer is about to be reused
+            host = buf.view(block.dtype, block.shape, pin=block.is_cuda)
             host.copy_(block)
             block = host
-        sz = sizes
+        part = box if single else box.rows(r0, n)
         if not single:
-            off, sz = sub_box(offsets, sizes, r0, n)
-            starts, length = chunk_runs(shape, off, sz)
+            first, end, starts, run = place.span(part, itemsize)
         mv = as_bytes(block)
         if use_map and len(starts):
-            _mapped_copy(fd, block, base, shape, sz, int(starts[0]) * itemsize, (int(starts[-1]) + length) * itemsize)
+            _mapped_copy(place, block, part, first, end)
             pool.count(len(mv))
         else:
-            _dispatch(pool, pwrite_all, fd, mv, base, starts, length * itemsize, itemsize)
+            _dispatch(pool, pwrite_all, place.fd, mv, place.base, starts, run)
         if crc is not None:
-            crc.add_runs(mv, (starts * itemsize).tolist(), length * itemsize)
-        written += len(mv)
+            crc.add_runs(mv, starts.tolist(), run)
     if not direct:
         pool.drain()
-    return written
+    return nbytes
 
 
-def _window(m, shape, sizes, item: int, first: int, lo: int) -> torch.Tensor:
-    """The box's bytes inside a mapping ``m`` of the file from byte ``lo``: a strided uint8 view whose last
-    dimension is the element's bytes (no alignment needed); ``first`` is the box's first byte in the file."""
-    strides = [1] * len(shape)
-    for d in range(len(shape) - 2, -1, -1):
-        strides[d] = strides[d + 1] * shape[d + 1]
-    window = torch.frombuffer(m, dtype=torch.uint8)
-    return window.as_strided((*sizes, item), (*(st * item for st in strides), 1), first - lo)
-
-
-def _mapped_read(fd: int, host: torch.Tensor, base: int, shape, sizes, first: int, last_end: int) -> None:
-    """Fill ``host`` (contiguous, stored dtype, shape ``sizes``) from its box spanning ``[first, last_end)``."""
+def _mapped_read(place: Place, host: torch.Tensor, box: Box, first: int, end: int) -> None:
+    """Fill ``host`` (contiguous, stored dtype, shape ``box.sizes``) from its box spanning ``[first, end)``."""
     item = host.element_size()
-    lo = (base + first) // _PAGE * _PAGE
-    hi = base + last_end
-    if os.fstat(fd).st_size < hi:  # a mapping past the end would raise SIGBUS; the pread path names it
+    lo = (place.base + first) // _PAGE * _PAGE
+    hi = place.base + end
+    if os.fstat(place.fd).st_size < hi:  # a mapping past the end would raise SIGBUS; the pread path names it
         raise CheckpointFormatError(f"unexpected end of file before byte {hi} (file truncated while reading?)")
     # private and writable only so torch accepts the buffer; nothing writes to it, so no page is copied
-    with mmap.mmap(fd, hi - lo, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=lo) as m:
-        src = _window(m, shape, sizes, item, base + first, lo)
-        host.reshape(-1).view(torch.uint8).view(*sizes, item).copy_(src)
+    with mmap.mmap(place.fd, hi - lo, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=lo) as m:
+        src = _window(m, place.shape, box.sizes, item, place.base + first, lo)
+        host.reshape(-1).view(torch.uint8).view(*box.sizes, item).copy_(src)
         del src  # release the exported buffer before the mapping closes
 
 
-def _readahead(fd: int, base: int, shape, offsets, sizes, itemsize: int) -> None:
-    starts, length = chunk_runs(shape, offsets, sizes)
+def _readahead(place: Place, box: Box, itemsize: int) -> None:
+    if not hasattr(os, "posix_fadvise"):  # macOS and others: the kernel reads ahead on its own
+        return
+    first, end, starts, _ = place.span(box, itemsize)
     if len(starts):
-        first = base + int(starts[0]) * itemsize
-        os.posix_fadvise(fd, first, base + (int(starts[-1]) + length) * itemsize - first, os.POSIX_FADV_WILLNEED)
+        os.posix_fadvise(place.fd, place.base + first, end - first, os.POSIX_FADV_WILLNEED)
 
 
-def read_box(pool: IOPool, staging: Staging, fd: int, dst: torch.Tensor, stored_dtype: torch.dtype, base: int,
-             shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...], mapped: bool = False) -> int:
-    """Fill ``dst`` (shape ``sizes``) from the box's runs, casting from ``stored_dtype`` if needed.
+def read_box(pool: IOPool, buf: HostBuffer, place: Place, dst: torch.Tensor, stored_dtype: torch.dtype, box: Box,
+             mapped: bool = False) -> int:
+    """Fill ``dst`` (shape ``box.sizes``) from the box's runs, casting from ``stored_dtype`` if needed.
 
     With ``mapped``, a box of many short runs (column shard) is copied out of read-only file mappings of at
     most ``budget`` bytes of whole rows: the kernel maps cached pages in batches and reads ahead, where one
@@ -361,34 +347,29 @@ def read_box(pool: IOPool, staging: Staging, fd: int, dst: torch.Tensor, stored_
     itemsize = stored_dtype.itemsize
     nbytes = dst.numel() * itemsize
     if dst.dtype == stored_dtype and _small_direct(dst, nbytes):
-        start = single_run(shape, offsets, sizes)
+        start = box.single_run(place.shape)
         if start is not None:
-            pread_all(fd, as_bytes(dst), base + start * itemsize)
+            pread_all(place.fd, as_bytes(dst), place.base + start * itemsize)
             return nbytes
     direct = _is_direct(dst) and dst.dtype == stored_dtype
-    row_bytes = math.prod(sizes[1:]) * itemsize if sizes else itemsize
-    step = _step(sizes, row_bytes, direct, staging.budget)
-    starts, length = chunk_runs(shape, offsets, sizes)
-    use_map = mapped and len(starts) > 1 and length * itemsize < SMALL_RUN
+    _, _, starts, run = place.span(box, itemsize)
+    use_map = mapped and len(starts) > 1 and run < SMALL_RUN
+    step = _step(box.sizes, math.prod(box.sizes[1:]) * itemsize if box.sizes else itemsize, direct, buf.budget)
     if use_map:  # windows are mapped on every I/O thread at once: together they stay within the budget
-        window = staging.budget // pool.threads
-        step = min(step, max(1, window // max(math.prod(shape[1:]) * itemsize, 1)))
-    nread = 0
-    for r0, n in _row_blocks(sizes, step):
+        window = buf.budget // pool.threads
+        step = min(step, max(1, window // max(math.prod(place.shape[1:]) * itemsize, 1)))
+    for r0, n in _row_blocks(box.sizes, step):
         block = _block(dst, r0, n)
-        host = block if direct else staging.view(stored_dtype, block.shape)
-        off, sz = sub_box(offsets, sizes, r0, n)
-        starts, length = chunk_runs(shape, off, sz)
-        if use_map and r0 + n < sizes[0]:  # start reading the next block's pages while this one is copied
-            nxt, nsz = sub_box(offsets, sizes, r0 + n, min(n, sizes[0] - r0 - n))
-            _readahead(fd, base, shape, nxt, nsz, itemsize)
+        host = block if direct else buf.view(stored_dtype, block.shape, pin=block.is_cuda)
+        part = box.rows(r0, n)
+        first, end, starts, run = place.span(part, itemsize)
+        if use_map and r0 + n < box.sizes[0]:  # start reading the next block's pages while this one is copied
+            _readahead(place, box.rows(r0 + n, min(n, box.sizes[0] - r0 - n)), itemsize)
         if use_map and len(starts):
-            pool.call(_mapped_read, fd, host, base, shape, sz, int(starts[0]) * itemsize,
-                      (int(starts[-1]) + length) * itemsize)
+            pool.call(_mapped_read, place, host, part, first, end)
         else:
-            _dispatch(pool, pread_all, fd, as_bytes(host), base, starts, length * itemsize, itemsize)
+            _dispatch(pool, pread_all, place.fd, as_bytes(host), place.base, starts, run)
         if not direct:
             pool.drain()
             block.copy_(host)
-        nread += host.numel() * itemsize
-    return nread
+    return nbytes

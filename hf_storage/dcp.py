@@ -1,0 +1,342 @@
+"""Thin ``torch.distributed.checkpoint`` adapters: the phases of :mod:`.pipeline` called from DCP's callbacks.
+
+    prepare_local_plan   every rank    how its node mates reach it, if it has column shards (plan)
+    prepare_global_plan  coordinator   layout, lock, staging files; each rank's placements and mates (prepare)
+    write_data           every rank    row assembly with its node mates, then the writes (assemble + write)
+    finish               coordinator   tallies checked, index written last, atomic publish (agree + publish)
+
+The writer runs no collective of its own: DCP's run on the group given to ``dcp.save`` / ``dcp.async_save``,
+and row assembly meets its node mates through shared memory. DCP's own planner checks that the chunks of
+every tensor cover it without overlap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    SavePlan,
+    SavePlanner,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.futures import Future
+
+from . import engine, pipeline, publish, row_assembly
+from .box import Box
+from .collectives import timeout_of
+from .errors import HFStorageError, StateDictMismatchError, UnsupportedEntryError, format_keys
+from .layout import INDEX_NAME, Layout, TensorPlacement, TensorSpec
+from .reader import StoredChunk, open_checkpoint, read_requests, to_metadata
+
+
+@dataclass(frozen=True)
+class _Assignment:
+    """What the coordinator sends each rank: the staging directory, where its tensors go, its node mates."""
+
+    prepared: pipeline.Prepared
+    placed: dict[str, TensorPlacement]
+    mates: dict[int, row_assembly.Seat]
+
+
+class HuggingFaceStorageWriter(StorageWriter):
+    """DCP storage writer producing a consolidated Hugging Face checkpoint in one pass.
+
+    Same positional and keyword arguments as ``torch.distributed.checkpoint.HuggingFaceStorageWriter``;
+    ``save_distributed``, ``enable_consolidation`` and ``thread_count_consolidation`` are accepted for
+    compatibility and change nothing: the output is always ``model-0000i-of-0000N.safetensors`` plus
+    ``model.safetensors.index.json``, written directly by the ranks that hold the data.
+
+    Args:
+        path: the checkpoint directory (created; replaced atomically if it holds one and ``overwrite``).
+        fqn_to_index_mapping: ``{fqn: file number from 1}``, to choose the files yourself.
+        thread_count: I/O threads per rank.
+        max_shard_size: start a new file when the next tensor would push the current one past this size
+            (``"5GB"``, ``"500MiB"`` or a byte count). Ignored when ``fqn_to_index_mapping`` is given.
+        durable: fsync every file and the directory before the checkpoint is published.
+        overwrite: replace an existing checkpoint at ``path`` (atomically); if False, refuse.
+        extra_files: ``{name: bytes | str}`` written beside the weights before publication (``config.json``).
+        checksums: record each tensor's CRC-32 in the index (computed while writing, no second read).
+        budget: bytes of host buffer for CUDA / non-contiguous tensors (and of row assembly's slots).
+        progress: called on the saving thread with counts of this rank's bytes as their writes complete.
+        lock_wait: seconds to wait for another save of the same target to finish before failing.
+
+    Raises (through DCP, on every rank): :class:`CheckpointExistsError`, :class:`CheckpointLockedError`,
+    :class:`UnsupportedEntryError` (non-tensor entries, dtypes safetensors lacks), :class:`HFStorageError`.
+
+    Example::
+
+        dcp.save(model.state_dict(), storage_writer=HuggingFaceStorageWriter("/ckpt/step-1000", max_shard_size="5GB"))
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        fqn_to_index_mapping: dict[str, int] | None = None,
+        thread_count: int = 1,
+        save_distributed: bool = False,
+        enable_consolidation: bool = False,
+        thread_count_consolidation: int = 1,
+        *,
+        max_shard_size: int | str | None = None,
+        durable: bool = False,
+        overwrite: bool = True,
+        extra_files: Mapping[str, bytes | str] | None = None,
+        checksums: bool = True,
+        budget: int = engine.DEFAULT_BUDGET,
+        progress: Callable[[int], None] | None = None,
+        lock_wait: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if thread_count < 1:
+            raise ValueError(f"thread_count must be >= 1, got {thread_count}")
+        self.path = Path(path)
+        self.save_distributed = save_distributed
+        self.enable_consolidation = enable_consolidation
+        self.thread_count_consolidation = thread_count_consolidation
+        self.options = pipeline.Options(
+            max_shard_size=None if fqn_to_index_mapping is not None else max_shard_size,
+            fqn_to_index_mapping=fqn_to_index_mapping, thread_count=thread_count, durable=durable,
+            overwrite=overwrite, extra_files=dict(extra_files or {}), checksums=checksums, budget=budget,
+            progress=progress, lock_wait=lock_wait)
+        self.rank = 0
+        self.layout: Layout | None = None
+        self.index: dict | None = None
+        self._staging: publish.Staging | None = None
+        self._desk: row_assembly.Desk | None = None
+        self._cleanup = weakref.finalize(self, _abandon, self.__dict__)
+
+    # -- StorageWriter protocol ------------------------------------------------------------------
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        _abandon(self.__dict__)  # a save that failed in another rank's write_data never reached finish()
+        if checkpoint_id is not None:
+            self.path = Path(checkpoint_id)
+        self.layout, self.index = None, None
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args, **kwargs) -> None:
+        self.rank = kwargs.get("rank", 0) or 0
+        if kwargs.get("use_collectives") is False and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            raise HFStorageError(
+                "dcp.save(..., use_collectives=False) makes every rank its own coordinator, and each would write "
+                f"its own {self.path} over the others'; call dcp.save with collectives (the default)")
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        if not row_assembly.node_name() or not any(True for _ in _column_items(plan)):
+            return plan
+        self._desk = row_assembly.Desk(row_assembly.slot_size(self.options.budget))
+        return dataclasses.replace(plan, storage_data=pipeline.Ready(self.rank, seat=self._desk.seat))
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        specs = specs_from_plans(plans)
+        self.layout = pipeline.plan_layout(specs.values(), max_shard_size=self.options.max_shard_size,
+                                           fqn_to_index_mapping=self.options.fqn_to_index_mapping)
+        self._staging, mapped = pipeline.prepare(self.layout, self.path, self.options)
+        prepared = pipeline.Prepared(str(self._staging.directory), mapped)
+        nodes = _nodes(plans)
+        placed = self.layout.tensors
+        return [dataclasses.replace(p, storage_data=_Assignment(
+                    prepared, {it.index.fqn: placed[it.index.fqn] for it in p.items}, nodes.get(r, {})))
+                for r, p in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        task: _Assignment = plan.storage_data
+        chunks = [pipeline.Chunk(it.index.fqn, planner.resolve_data(it), tuple(it.tensor_data.size),
+                                 Box(tuple(it.tensor_data.chunk.offsets), tuple(it.tensor_data.chunk.sizes)))
+                  for it in plan.items]
+        job = pipeline.Job(task.placed, chunks)
+        desk, self._desk = self._desk, None
+        try:
+            assembly = None
+            if desk is not None and task.mates:
+                job.parts = pipeline.parts_for_assembly(job)
+                assembly = row_assembly.join(self.rank, desk, task.mates, job.parts, timeout_of(None))
+            tally = pipeline.write(job, task.prepared, self.options, assembly)
+        finally:
+            if desk is not None:
+                desk.close()
+        fut: Future = Future()
+        fut.set_result(_write_results(plan, tally))
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        if self.layout is None or self._staging is None:
+            raise HFStorageError("finish() called before prepare_global_plan() on the coordinator")
+        staging, self._staging = self._staging, None
+        tally = pipeline.Tally().merge(row for rank in results for w in rank for row in w.storage_data)
+        try:
+            self.index = pipeline.finalize(staging, self.layout, tally, self.options)
+        except BaseException:
+            publish.abort(staging)
+            raise
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=str(self.path))
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return isinstance(checkpoint_id, (str, os.PathLike)) and "://" not in str(checkpoint_id)
+
+
+def _abandon(state: dict) -> None:
+    """Release what a save that never reached ``finish()`` still holds: its staging and lock, its desk."""
+    staging, desk = state.get("_staging"), state.get("_desk")
+    state["_staging"], state["_desk"] = None, None
+    if staging is not None:
+        publish.abort(staging)
+    if desk is not None:
+        desk.close()
+
+
+def _column_items(plan: SavePlan):
+    """The write items row assembly could take (column shards)."""
+    for it in plan.items:
+        td = it.tensor_data
+        if td is not None and row_assembly.wanted(tuple(td.size), Box(tuple(td.chunk.offsets), tuple(td.chunk.sizes)),
+                                                  td.properties.dtype.itemsize):
+            yield it
+
+
+def _nodes(plans: list[SavePlan]) -> dict[int, dict[int, row_assembly.Seat]]:
+    """For each rank in row assembly, the ranks sharing its node (itself included)."""
+    by_node: dict[str, dict[int, row_assembly.Seat]] = {}
+    for r, p in enumerate(plans):
+        ready = p.storage_data
+        if isinstance(ready, pipeline.Ready) and ready.seat is not None:
+            by_node.setdefault(ready.seat.node, {})[r] = ready.seat
+    return {r: mates for mates in by_node.values() for r in mates if len(mates) > 1}
+
+
+def _write_results(plan: SavePlan, tally: pipeline.Tally) -> list[WriteResult]:
+    """One WriteResult per item, carrying that tensor's tally row; rows for tensors this rank has no item of
+    (its share of assembled rows) ride on the first item."""
+    rows = {fqn: (fqn, n, crc) for fqn, n, crc in tally.items()}
+    out = []
+    for it in plan.items:
+        mine = (rows.pop(it.index.fqn),) if it.index.fqn in rows else ()
+        out.append(WriteResult(index=it.index, size_in_bytes=sum(r[1] for r in mine), storage_data=mine))
+    if out and rows:
+        first = out[0]
+        out[0] = dataclasses.replace(first, storage_data=first.storage_data + tuple(rows.values()))
+    return out
+
+
+def specs_from_plans(plans: list[SavePlan]) -> dict[str, TensorSpec]:
+    """Global tensor specs from every rank's write items; refuses non-tensor entries, all named at once.
+
+    Linear in the number of write items, with one comparison per item after the first sighting of an FQN
+    (this runs on the coordinator over ranks x tensors items).
+    """
+    seen: dict[str, tuple[torch.dtype, torch.Size]] = {}
+    not_tensors: set[str] = set()
+    conflicts: set[str] = set()
+    for p in plans:
+        for it in p.items:
+            td = it.tensor_data
+            if td is None or it.type == WriteItemType.BYTE_IO:
+                not_tensors.add(it.index.fqn)
+                continue
+            prev = seen.get(it.index.fqn)
+            if prev is None:
+                seen[it.index.fqn] = (td.properties.dtype, td.size)
+            elif prev[0] != td.properties.dtype or prev[1] != td.size:
+                conflicts.add(it.index.fqn)
+    if not_tensors:
+        raise UnsupportedEntryError(
+            f"the safetensors format stores tensors only; these state dict entries are not tensors: "
+            f"{format_keys(sorted(not_tensors))}. Remove them (or save them separately, e.g. as JSON); "
+            "nothing was written.")
+    if conflicts:
+        raise HFStorageError(f"ranks disagree on the shape or dtype of {format_keys(sorted(conflicts))}")
+    return {fqn: TensorSpec(fqn, dt, tuple(size)) for fqn, (dt, size) in seen.items()}
+
+
+class HuggingFaceStorageReader(StorageReader):
+    """DCP storage reader for Hugging Face safetensors checkpoints; drop-in for torch's class.
+
+    Loads into any target layout (plain tensors, DTensors on 1-D/2-D meshes, another world size than the
+    save), reading only the byte ranges each rank's targets need.
+
+    Args:
+        path: the checkpoint directory.
+        thread_count: I/O threads per rank.
+        allow_cast: convert stored dtypes to the targets'; without it a mismatch raises.
+        budget: bytes of host buffer for CUDA / non-contiguous targets and casts.
+
+    Raises: :class:`StateDictMismatchError` naming every key whose dtype differs (without ``allow_cast``);
+    :class:`CheckpointFormatError` for a malformed checkpoint.
+
+    Example::
+
+        dcp.load(state_dict, storage_reader=HuggingFaceStorageReader("/ckpt/step-1000"))
+    """
+
+    def __init__(self, path: str | os.PathLike, thread_count: int = 1, *, allow_cast: bool = False,
+                 budget: int = engine.DEFAULT_BUDGET) -> None:
+        super().__init__()
+        if thread_count < 1:
+            raise ValueError(f"thread_count must be >= 1, got {thread_count}")
+        self.path = Path(path)
+        self.thread_count = thread_count
+        self.allow_cast = allow_cast
+        self.budget = budget
+        self.storage_data: dict[MetadataIndex, StoredChunk] = {}
+        self.load_id: str | None = None
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        if checkpoint_id is not None:
+            self.path = Path(checkpoint_id)
+        self.storage_data = {}
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        md = to_metadata(open_checkpoint(self.path))
+        md.storage_meta = StorageMeta(checkpoint_id=str(self.path), load_id=self.load_id)
+        return md
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs) -> None:
+        self.storage_data = metadata.storage_data
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        bad = [it.dest_index.fqn for it in plan.items if it.type != LoadItemType.TENSOR]
+        if bad:
+            raise StateDictMismatchError(
+                f"safetensors checkpoints hold tensors only; cannot load {format_keys(sorted(set(bad)))}")
+        work, mismatched = [], set()
+        for it in plan.items:
+            chunk = self.storage_data[it.storage_index]
+            target = planner.resolve_tensor(it).detach()
+            if target.dtype != chunk.dtype and not self.allow_cast:
+                mismatched.add(f"{it.dest_index.fqn} (target {target.dtype}, stored {chunk.dtype})")
+            work.append((it, chunk, target))
+        if mismatched:
+            raise StateDictMismatchError(
+                f"dtype mismatch for {format_keys(sorted(mismatched))}; build the targets with the stored dtypes "
+                "or pass allow_cast=True")
+        read_requests(self.path, ((c, t, Box(tuple(it.storage_offsets), tuple(it.lengths))) for it, c, t in work),
+                      thread_count=self.thread_count, budget=self.budget)
+        for it, _, target in work:
+            planner.commit_tensor(it, target)
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        p = Path(checkpoint_id)
+        return p.is_dir() and ((p / INDEX_NAME).is_file() or any(p.glob("*.safetensors")))

@@ -1,0 +1,524 @@
+"""The save path, top to bottom. Each phase is a function here; :func:`save` runs them with its collectives,
+and the DCP writer (:mod:`.dcp`) calls the same functions from DCP's callbacks.
+
+    plan      every rank, no I/O    layout of the files, this rank's chunks (exact boxes), all validation
+    prepare   rank 0                lock the target, a unique staging directory, every file with its header
+    assemble  ranks of one node     column shards' rows are handed to node-local row assembly
+    write     every rank            each chunk's runs pwritten at their final offsets; CRC-32 shares folded
+    agree     rank 0                every rank's report: errors by rank, layout fingerprints, exact coverage
+    publish   rank 0                index JSON last (the commit point), fsync if durable, atomic swap
+
+The verb's collectives, all on the caller's group: one all-gather of :class:`Ready` (every rank validated
+before it, so a failure anywhere is known everywhere at once), one broadcast of :class:`Prepared`, one
+gather of :class:`Report`, one broadcast of the outcome. A rank that fails after the first keeps attending
+the rest (:class:`~.collectives.FirstError`), so its peers learn of it instead of waiting for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from . import checksum, engine, publish, row_assembly, shards
+from .box import Box
+from .collectives import FirstError, Group
+from .errors import HFStorageError, PeerFailure, SaveError, UnsupportedEntryError, format_keys
+from .layout import INDEX_NAME, Layout, TensorPlacement, TensorSpec
+from .layout import plan as plan_layout
+
+FORMAT_VERSION = 1
+DEFAULT_THREADS = 4
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to save: the keyword arguments of :func:`hf_storage.save`."""
+
+    max_shard_size: int | str | None = None
+    fqn_to_index_mapping: Mapping[str, int] | None = None
+    thread_count: int = DEFAULT_THREADS
+    durable: bool = False
+    overwrite: bool = True
+    extra_files: Mapping[str, bytes | str] | None = None
+    checksums: bool = True
+    budget: int = engine.DEFAULT_BUDGET
+    progress: Callable[[int], None] | None = None
+    lock_wait: float = 0.0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a tensor this rank writes: ``data`` holds exactly ``box`` of the global ``shape``."""
+
+    fqn: str
+    data: torch.Tensor
+    shape: tuple[int, ...]
+    box: Box
+
+
+@dataclass
+class Job:
+    """One rank's plan: where its tensors lie in the files (``placed``) and the chunks it writes there."""
+
+    placed: Mapping[str, TensorPlacement]
+    chunks: list[Chunk]
+    fingerprint: str = ""
+    parts: list[row_assembly.Part] = field(default_factory=list)  # the chunks row assembly can take
+    mates: dict[int, row_assembly.Seat] = field(default_factory=dict)  # this node's ranks in row assembly
+    layout: Layout | None = None  # the whole layout, where this rank planned it
+
+
+# -- messages between the ranks ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ready:
+    """After planning: the layout this rank planned, how its node mates reach it, or why it cannot go on."""
+
+    rank: int
+    fingerprint: str = ""
+    seat: row_assembly.Seat | None = None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Rank 0 created the staging directory and its files (``mapped``: short runs may go through mappings)."""
+
+    directory: str
+    mapped: bool
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a rank wrote: per tensor ``(fqn, bytes, CRC share or None)``, or why it failed."""
+
+    rank: int
+    fingerprint: str = ""
+    written: tuple[tuple[str, int, int | None], ...] = ()
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The save failed; ``failures`` maps each failing rank to what went wrong there."""
+
+    failures: Mapping[int, str] = field(default_factory=dict)
+
+
+def describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def fail(failures: Mapping[int, str], me: int, local: BaseException | None = None) -> None:
+    """Raise the save's failure on this rank: its own specific error where it is one of ours, else a
+    :class:`SaveError` naming every failing rank (the same message on every rank)."""
+    if isinstance(local, HFStorageError) and len(failures) == 1:
+        raise local
+    raise SaveError(f"{failure_message(failures)} (this is rank {me})", dict(failures)) from local
+
+
+def failure_message(failures: Mapping[int, str]) -> str:
+    ranks = sorted(failures)
+    who = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[:20]}"
+    text = "; ".join(f"rank {r}: {failures[r]}" for r in ranks[:20])
+    return f"the save failed on {who}: {text}; nothing was published"
+
+
+# -- plan ------------------------------------------------------------------------------------------
+
+
+def flatten(state_dict: Mapping, prefix: str = "") -> dict[str, object]:
+    """Nested mappings become dotted keys, as DCP does."""
+    out: dict[str, object] = {}
+    for k, v in state_dict.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def tensors_of(state_dict: Mapping) -> dict[str, torch.Tensor]:
+    """The state dict's tensors by dotted key; every non-tensor entry named in one error."""
+    flat = flatten(state_dict)
+    bad = sorted(k for k, v in flat.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise UnsupportedEntryError(
+            f"the safetensors format stores tensors only; these state dict entries are not tensors: "
+            f"{format_keys(bad)}. Remove them (or save them separately, e.g. as JSON); nothing was written.")
+    return flat  # type: ignore[return-value]
+
+
+def plan(state_dict: Mapping, opts: Options, rank: int) -> Job:
+    """Everything a rank can know and check alone, before any collective or I/O."""
+    tensors = tensors_of(state_dict)
+    layout = plan_layout([TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()],
+                         max_shard_size=opts.max_shard_size, fqn_to_index_mapping=opts.fqn_to_index_mapping)
+    problems = [p for p in (shards.check_cover(n, t) for n, t in tensors.items()) if p]
+    if problems:
+        raise UnsupportedEntryError(
+            f"cannot save these DTensors exactly once: {'; '.join(problems[:10])}. Redistribute them to "
+            "Shard/Replicate placements (dtensor.redistribute) before saving; nothing was written.")
+    chunks = [c for n, t in tensors.items() for c in chunks_of(n, t, rank)]
+    return Job(layout.tensors, chunks, fingerprint(layout), layout=layout)
+
+
+def chunks_of(name: str, t: torch.Tensor, rank: int) -> list[Chunk]:
+    """The chunks of ``t`` this rank writes: one per piece of its shard (replicas only at coordinate 0)."""
+    held = shards.of(t, rank)
+    if not held.writes:
+        return []
+    return [Chunk(name, shards.view(held.data, p.local), held.shape, p.box) for p in held.pieces if not p.box.empty]
+
+
+def fingerprint(layout: Layout) -> str:
+    """Equal on two ranks exactly when they planned the same files, headers included."""
+    h = hashlib.sha256()
+    for f in layout.files:
+        h.update(f.name.encode())
+        h.update(f.header)
+    return h.hexdigest()
+
+
+def parts_for_assembly(job: Job) -> list[row_assembly.Part]:
+    """This rank's chunks that row assembly can take (column shards), with where their tensors lie."""
+    out = []
+    for c in job.chunks:
+        itemsize = c.data.element_size()
+        if row_assembly.wanted(c.shape, c.box, itemsize):
+            p = job.placed[c.fqn]
+            out.append(row_assembly.Part(c.fqn, c.box, c.shape, itemsize, p.file, p.offset))
+    return out
+
+
+# -- prepare ---------------------------------------------------------------------------------------
+
+
+def prepare(layout: Layout, path: str | os.PathLike, opts: Options) -> tuple[publish.Staging, bool]:
+    """Rank 0: lock the target and create every file of ``layout`` in a fresh staging directory."""
+    staging = publish.prepare(path, opts.overwrite, opts.lock_wait)
+    try:
+        mapped = create_files(staging.directory, layout)
+    except BaseException:
+        publish.abort(staging)
+        raise
+    return staging, mapped
+
+
+def create_files(directory: Path, layout: Layout) -> bool:
+    """Create every file of ``layout`` with its header written and its final size.
+
+    On a local filesystem the files' blocks are reserved up front (so running out of space is reported
+    here, before any data is written) and the result is True: ranks may then write short runs through
+    file mappings. Elsewhere (network filesystems) every byte goes through ``pwrite``.
+    """
+    mapped = engine.is_local_fs(directory)
+    for f in layout.files:
+        fd = os.open(directory / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            if mapped:
+                mapped = engine.preallocate(fd, f.size) or f.size == 0
+            engine.pwrite_all(fd, memoryview(f.header), 0)
+            os.ftruncate(fd, f.size)
+        finally:
+            os.close(fd)
+    return mapped
+
+
+# -- assemble + write ------------------------------------------------------------------------------
+
+
+class Tally:
+    """Per tensor: bytes written and the XOR of CRC-32 shares (None as soon as one share is missing)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list] = {}
+
+    def add(self, fqn: str, nbytes: int, crc: int | None) -> None:
+        cur = self.rows.get(fqn)
+        if cur is None:
+            self.rows[fqn] = [nbytes, crc]
+        else:
+            cur[0] += nbytes
+            cur[1] = None if cur[1] is None or crc is None else cur[1] ^ crc
+
+    def merge(self, rows: Iterable[tuple[str, int, int | None]]) -> Tally:
+        for fqn, nbytes, crc in rows:
+            self.add(fqn, nbytes, crc)
+        return self
+
+    def items(self) -> tuple[tuple[str, int, int | None], ...]:
+        return tuple((f, n, c) for f, (n, c) in self.rows.items())
+
+
+class _Files:
+    """The staging files this rank writes, opened once each."""
+
+    def __init__(self, directory: Path, mapped: bool):
+        self.directory, self.mapped, self.fds = directory, mapped, {}
+
+    def fd(self, name: str) -> int:
+        if name not in self.fds:
+            self.fds[name] = os.open(self.directory / name, os.O_RDWR if self.mapped else os.O_WRONLY)
+        return self.fds[name]
+
+    def close(self, durable: bool) -> None:
+        fds, self.fds = self.fds, {}
+        try:
+            if durable:
+                for fd in fds.values():
+                    os.fsync(fd)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+
+def write(job: Job, prepared: Prepared, opts: Options, assembly: row_assembly.Assembly | None = None) -> Tally:
+    """Write this rank's chunks: rows handed to ``assembly`` through it, the rest directly. Raises the first
+    error once every write in flight has ended; row assembly is told at once, so node mates never wait."""
+    files, tally, errors = _Files(Path(prepared.directory), prepared.mapped), Tally(), FirstError()
+    pool = engine.IOPool(opts.thread_count)
+    progress = _Progress(pool, opts.progress)
+    held = {}
+    try:
+        for c in job.chunks:
+            handed = assembly.bands.get(c.fqn) if assembly is not None else None
+            if handed:
+                held[c.fqn] = (c.data, c.shape, c.box)
+            errors.attempt(_write_direct, pool, files, job.placed[c.fqn], c, opts, tally, handed)
+            progress.tick()
+        if assembly is not None and errors.error is not None:
+            assembly.fail()
+        elif assembly is not None:
+            rows = errors.attempt(assembly.run, held, files.fd, opts.thread_count, opts.checksums, opts.progress)
+            tally.merge((f, n, crc) for f, (n, crc) in (rows or {}).items())
+        errors.attempt(pool.drain, progress.tick)
+        progress.tick()
+    finally:
+        errors.always(pool.close)
+        errors.always(files.close, opts.durable and errors.error is None)
+        if assembly is not None:
+            assembly.close()
+    errors.raise_first()
+    return tally
+
+
+def _write_direct(pool: engine.IOPool, files: _Files, p: TensorPlacement, c: Chunk, opts: Options, tally: Tally,
+                  handed) -> None:
+    """Write the chunk's rows that were not handed to row assembly (all of them, without it)."""
+    place = engine.Place(files.fd(p.file), p.offset, c.shape)
+    acc = checksum.Accumulator() if opts.checksums else None
+    buf = _host_buffer(opts.budget)
+    if not handed:
+        n = engine.write_box(pool, buf, place, c.data, c.box, acc, files.mapped)
+    else:
+        n = sum(engine.write_box(pool, buf, place, c.data.narrow(0, r0, rows), c.box.rows(r0, rows), acc, files.mapped)
+                for r0, rows in row_assembly.direct_rows(c.box.sizes[0], handed))
+    if n or not handed:
+        tally.add(c.fqn, n, None if acc is None else acc.contribution(p.spec.nbytes))
+
+
+_BUFFERS: dict[int, engine.HostBuffer] = {}  # one host buffer per budget, reused by every save of the process
+
+
+def _host_buffer(budget: int) -> engine.HostBuffer:
+    if budget not in _BUFFERS:
+        _BUFFERS.clear()
+        _BUFFERS[budget] = engine.HostBuffer(budget)
+    return _BUFFERS[budget]
+
+
+class _Progress:
+    """Reports completed bytes to ``fn``, always from the saving thread."""
+
+    def __init__(self, pool: engine.IOPool, fn: Callable[[int], None] | None):
+        self.pool, self.fn, self.reported = pool, fn, 0
+
+    def tick(self) -> None:
+        done = self.pool.done
+        if self.fn is not None and done > self.reported:
+            self.fn(done - self.reported)
+            self.reported = done
+
+
+# -- agree + publish -------------------------------------------------------------------------------
+
+
+def agree(reports: list[Report]) -> Tally:
+    """Rank 0: every rank's outcome, fingerprint and tally. Raises :class:`SaveError` naming each failing rank."""
+    failures = {r.rank: r.error for r in reports if r.error}
+    failures = failures or {r.rank: _DIFFERENT_LAYOUT for r in reports if r.fingerprint != reports[0].fingerprint}
+    if failures:
+        raise SaveError(failure_message(failures), failures)
+    return Tally().merge(row for r in reports for row in r.written)
+
+
+_DIFFERENT_LAYOUT = ("planned a different file layout than rank 0: the state dicts disagree on tensor names, "
+                     "shapes or dtypes (plain tensors must be identical on every rank)")
+
+
+def finalize(staging: publish.Staging, layout: Layout, written: Tally, opts: Options) -> dict:
+    """Check that every tensor's bytes were written exactly once, write the extra files and the index (the
+    commit point), publish. Returns the index."""
+    rows = written.rows
+    wrong = [f"{name} ({rows.get(name, (0,))[0]} of {p.spec.nbytes} bytes)"
+             for name, p in layout.tensors.items() if rows.get(name, (0,))[0] != p.spec.nbytes]
+    if wrong:
+        raise HFStorageError(
+            f"the ranks did not write every element exactly once; nothing was published. Tensors: {format_keys(wrong)}. "
+            "Check that the shards of each DTensor cover it without overlap.")
+    if opts.durable:
+        for f in layout.files:
+            publish.fsync_path(staging.directory / f.name)
+    for name, data in (opts.extra_files or {}).items():
+        publish.write_file(staging.directory, name, data.encode() if isinstance(data, str) else data, opts.durable)
+    index = layout.index(_metadata(layout, rows))
+    publish.write_file(staging.directory, INDEX_NAME, json.dumps(index, indent=2).encode() + b"\n", opts.durable)
+    publish.publish(staging, opts.durable)
+    return index
+
+
+def _metadata(layout: Layout, rows: Mapping[str, list]) -> dict[str, object]:
+    meta: dict[str, object] = {"format_version": FORMAT_VERSION}
+    if all(rows[n][1] is not None for n in layout.tensors if n in rows):
+        meta["checksums"] = {"algorithm": "crc32", "tensors": {
+            n: f"{checksum.finalize(rows[n][1] if n in rows else 0, layout.tensors[n].spec.nbytes):08x}"
+            for n in layout.order}}
+    return meta
+
+
+# -- the verb --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a save did on this rank."""
+
+    layout: Layout
+    local_bytes: int
+    assembled_bytes: int
+    seconds: float
+
+
+def save(state_dict: Mapping, path: str | os.PathLike, opts: Options, group=None) -> Outcome:
+    """The whole save on this rank (see the module docstring for the phases and collectives)."""
+    start = time.perf_counter()
+    g = Group(group)
+    job, desk = _plan_shared(state_dict, opts, g)
+    assembly = None
+    try:
+        staging, prepared = _prepare_shared(g, job, path, opts)
+        assembly = _assemble(g.rank, job, desk, g.timeout())
+        _agree_publish(g, job, staging, _write_report(g.rank, job, prepared, opts, assembly), opts)
+    finally:
+        if desk is not None:
+            desk.close()
+    local = sum(c.data.numel() * c.data.element_size() for c in job.chunks)
+    return Outcome(job.layout, local,  # type: ignore[arg-type]
+                   _assembled(job, assembly), time.perf_counter() - start)
+
+
+def _plan_shared(state_dict: Mapping, opts: Options, g: Group) -> tuple[Job, row_assembly.Desk | None]:
+    """Plan on every rank, then one all-gather: a failure or a different layout anywhere fails every rank;
+    row assembly learns who shares this rank's node."""
+    job, desk, local = None, None, None
+    try:
+        job = plan(state_dict, opts, g.rank)
+        job.parts = parts_for_assembly(job) if g.size > 1 and row_assembly.node_name() else []
+        desk = row_assembly.Desk(row_assembly.slot_size(opts.budget)) if job.parts else None
+        ready = Ready(g.rank, job.fingerprint, desk.seat if desk else None)
+    except Exception as e:
+        if not g.on:
+            raise
+        ready, local = Ready(g.rank, error=describe(e)), e
+    readies = g.all_gather(ready)
+    failures = {r.rank: r.error for r in readies if r.error}
+    failures = failures or {r.rank: _DIFFERENT_LAYOUT for r in readies if r.fingerprint != readies[0].fingerprint}
+    if failures:
+        if desk is not None:
+            desk.close()
+        fail(failures, g.rank, local)
+    assert job is not None
+    if desk is not None:
+        job.mates = {r.rank: r.seat for r in readies if r.seat is not None and r.seat.node == desk.seat.node}
+    return job, desk
+
+
+def _prepare_shared(g: Group, job: Job, path, opts: Options) -> tuple[publish.Staging | None, Prepared]:
+    """Rank 0 prepares the staging directory; every rank learns where it is, or that it failed."""
+    staging, message, local = None, None, None
+    if g.rank == 0:
+        try:
+            staging, mapped = prepare(job.layout, path, opts)  # type: ignore[arg-type]
+            message = Prepared(str(staging.directory), mapped)
+        except Exception as e:
+            if not g.on:
+                raise
+            message, local = Failure({0: describe(e)}), e
+    message = g.broadcast(message)
+    if isinstance(message, Failure):
+        fail(message.failures, g.rank, local)
+    return staging, message
+
+
+def _assemble(rank: int, job: Job, desk: row_assembly.Desk | None, timeout: timedelta | None):
+    """This rank's part of its node's row assembly (None without column shards to assemble on the node)."""
+    if desk is None:
+        return None
+    return row_assembly.join(rank, desk, job.mates, job.parts, timeout)
+
+
+def _write_report(rank: int, job: Job, prepared: Prepared, opts: Options, assembly) -> Report | Exception:
+    try:
+        tally = write(job, prepared, opts, assembly)
+    except PeerFailure:
+        raise  # a peer is gone: no collective can complete, so there is nobody to report to
+    except Exception as e:
+        return e
+    return Report(rank, job.fingerprint, tally.items())
+
+
+def _agree_publish(g: Group, job: Job, staging: publish.Staging | None, report: Report | Exception,
+                   opts: Options) -> None:
+    """Rank 0 gathers the reports, publishes or aborts; every rank learns the outcome."""
+    local = report if isinstance(report, Exception) else None
+    if local is not None:
+        if not g.on:
+            publish.abort(staging)  # type: ignore[arg-type]
+            raise local
+        report = Report(g.rank, job.fingerprint, error=describe(local))
+    reports = g.gather(report)
+    outcome = None
+    if g.rank == 0:
+        try:
+            finalize(staging, job.layout, agree(reports), opts)  # type: ignore[arg-type]
+        except Exception as e:
+            publish.abort(staging)  # type: ignore[arg-type]
+            if not g.on:
+                raise
+            outcome = Failure(e.failures if isinstance(e, SaveError) else {0: describe(e)})
+            local = local or (None if isinstance(e, SaveError) else e)
+    outcome = g.broadcast(outcome)
+    if isinstance(outcome, Failure):
+        fail(outcome.failures, g.rank, local)
+
+
+def _assembled(job: Job, assembly: row_assembly.Assembly | None) -> int:
+    """Bytes of this rank's chunks that went through row assembly."""
+    if assembly is None:
+        return 0
+    total = 0
+    for c in job.chunks:
+        rows = sum(hi - lo for lo, hi in assembly.bands.get(c.fqn, ()))
+        total += rows * (c.data.numel() // max(c.box.sizes[0], 1)) * c.data.element_size()
+    return total

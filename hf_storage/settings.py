@@ -1,0 +1,30 @@
+"""Every ``HF_STORAGE_*`` environment setting, read here and nowhere else (each is read when used, so a
+test or a launcher may set it before a save).
+
+=========================  ========  ==================================================================
+``HF_STORAGE_MMAP``        ``1``     ``0``: plain ``pread``/``pwrite`` only, never file mappings
+``HF_STORAGE_ROW_ASSEMBLY`` ``1``    ``0``: column shards are written by their own ranks, row by row
+``HF_STORAGE_NODE``        (unset)   the node name row assembly groups ranks by (default: host name and
+                                     kernel PID namespace); tests set it to simulate several nodes
+=========================  ========  ==================================================================
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def mapping() -> bool:
+    """File mappings for short runs, unless ``HF_STORAGE_MMAP=0``."""
+    return os.environ.get("HF_STORAGE_MMAP", "1") != "0"
+
+
+def row_assembly() -> bool:
+    """Row assembly of column shards, unless ``HF_STORAGE_ROW_ASSEMBLY=0`` (or its old name
+    ``HF_STORAGE_EXCHANGE=0``)."""
+    return os.environ.get("HF_STORAGE_ROW_ASSEMBLY", os.environ.get("HF_STORAGE_EXCHANGE", "1")) != "0"
+
+
+def node() -> str | None:
+    """``HF_STORAGE_NODE``, when set."""
+    return os.environ.get("HF_STORAGE_NODE") or None

@@ -1,0 +1,177 @@
+"""The exact elements a rank holds of each tensor: one or more :class:`Box` pieces per local shard.
+
+A DTensor's placements split each tensor dimension independently: the mesh dimensions that shard
+dimension ``d`` cut its index range one after another (left to right, or in the spec's ``shard_order``),
+each with torch's own split (``Shard`` chunks, ``_StridedShard`` interleaves). So this module runs those
+same splits on an index vector per dimension and reads the result back as runs of consecutive indices:
+a shard that is one block (``Shard``, the FSDP-over-TP ``_StridedShard``) is one piece; rows
+{0, 2} of ``(Shard(0), _StridedShard(0, 2))`` are two. Replicated data is written once, by coordinate 0 of
+every replicated mesh dimension; ``Partial`` placements are refused.
+
+:func:`check_cover` proves, from the placements alone, that the pieces of every mesh coordinate cover
+each tensor exactly once; with the per-tensor byte tallies of the writers this is the save's coverage check.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .box import Box
+from .errors import UnsupportedEntryError
+
+try:
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import Partial, Replicate, Shard, _StridedShard
+except ImportError:  # pragma: no cover - torch without DTensor
+    DTensor = Partial = Replicate = Shard = _StridedShard = None  # type: ignore[assignment,misc]
+
+
+class Piece(NamedTuple):
+    """Elements ``box`` of the global tensor, held at ``local`` in this rank's local tensor."""
+
+    box: Box
+    local: Box
+
+
+class Shards(NamedTuple):
+    """A tensor as this rank holds it: local data, its pieces, and whether this rank writes them."""
+
+    data: torch.Tensor
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+    writes: bool
+
+
+def is_dtensor(t: object) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def of(t: torch.Tensor, rank: int = 0) -> Shards:
+    """The pieces of ``t``: its local shard's for a DTensor; for a plain tensor, the whole of it (written by
+    ``rank`` 0 of the save)."""
+    shape = tuple(t.shape)
+    if is_dtensor(t):
+        spec = t._spec
+        pieces, writes = _pieces(shape, spec.mesh, tuple(spec.placements), _order(spec))
+        return Shards(t._local_tensor, shape, pieces, writes)
+    whole = Box.whole(shape)
+    return Shards(t, shape, (Piece(whole, whole),), rank == 0)
+
+
+def view(data: torch.Tensor, local: Box) -> torch.Tensor:
+    """The part of ``data`` (a local shard) that ``local`` names."""
+    out = data
+    for d, (o, s) in enumerate(zip(local.offsets, local.sizes)):
+        if o or s != out.shape[d]:
+            out = out.narrow(d, o, s)
+    return out
+
+
+def describe(t: torch.Tensor) -> str:
+    """Placements and mesh of a DTensor, for error messages."""
+    if not is_dtensor(t):
+        return "a plain tensor"
+    spec = t._spec
+    return f"placements {tuple(spec.placements)} on a mesh of shape {tuple(spec.mesh.shape)}"
+
+
+def _order(spec) -> tuple | None:
+    """The spec's explicit shard order, when it has one that is not the left-to-right default."""
+    order = getattr(spec, "shard_order", None)
+    if not order or getattr(spec, "use_strided_shard_as_shard_order", False):
+        return None
+    return tuple((e.tensor_dim, tuple(e.mesh_dims)) for e in order)
+
+
+def _sharding(placements: tuple, order: tuple | None, ndim: int) -> list[list[int]]:
+    """For each tensor dimension, the mesh dimensions that split it, in the order they apply."""
+    by_dim: list[list[int]] = [[] for _ in range(ndim)]
+    for m, p in enumerate(placements):
+        if isinstance(p, Partial):
+            raise UnsupportedEntryError(
+                "a DTensor with a Partial placement holds unreduced values; redistribute it to Shard or "
+                "Replicate (e.g. dtensor.redistribute(placements=[Replicate()])) before saving")
+        if isinstance(p, Shard):
+            by_dim[p.dim if p.dim >= 0 else p.dim + ndim].append(m)
+    for tensor_dim, mesh_dims in order or ():
+        by_dim[tensor_dim] = list(mesh_dims)
+    return by_dim
+
+
+@functools.lru_cache(maxsize=4096)
+def _pieces(shape: tuple[int, ...], mesh, placements: tuple, order: tuple | None) -> tuple[tuple[Piece, ...], bool]:
+    """This rank's pieces of a tensor of ``shape`` and whether it writes them; cached, since a model repeats
+    a few layouts many times."""
+    coord = mesh.get_coordinate()
+    if coord is None:  # this rank is not in the mesh: it holds nothing
+        return (), False
+    by_dim = _sharding(placements, order, len(shape))
+    writes = all(c == 0 for c, p in zip(coord, placements) if isinstance(p, Replicate))
+    sizes = tuple(mesh.shape)
+    runs = [_runs(_indices(n, tuple((placements[m], sizes[m], coord[m]) for m in ms))) for n, ms in zip(shape, by_dim)]
+    out = []
+    for combo in itertools.product(*runs):
+        box = Box(tuple(g for g, _, _ in combo), tuple(n for _, _, n in combo))
+        out.append(Piece(box, Box(tuple(lo for _, lo, _ in combo), box.sizes)))
+    if not shape:
+        out = [Piece(Box((), ()), Box((), ()))]
+    return tuple(out), writes
+
+
+@functools.lru_cache(maxsize=4096)
+def _indices(n: int, splits: tuple) -> np.ndarray:
+    """Global indices, in local order, that the splits ``(placement, mesh size, coordinate)`` leave of ``range(n)``."""
+    idx = torch.arange(n, dtype=torch.int64)
+    for p, size, c in splits:
+        cut = _StridedShard(0, split_factor=p.split_factor) if isinstance(p, _StridedShard) else Shard(0)
+        idx = cut._split_tensor(idx, size, with_padding=False, contiguous=True)[0][c]
+    return idx.numpy()
+
+
+def _runs(idx: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(global start, local start, length)`` of each run of consecutive indices."""
+    if len(idx) == 0:
+        return [(0, 0, 0)]
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(idx)]))
+    return [(int(idx[s]), int(s), int(e - s)) for s, e in zip(starts, ends)]
+
+
+def check_cover(name: str, t: torch.Tensor) -> str | None:
+    """None if the writers of ``t``'s pieces, over every mesh coordinate, cover each element exactly once;
+    else what is wrong (plain tensors are whole by definition)."""
+    if not is_dtensor(t):
+        return None
+    spec = t._spec
+    by_dim = _sharding(tuple(spec.placements), _order(spec), t.dim())
+    sizes = tuple(spec.mesh.shape)
+    for d, (n, ms) in enumerate(zip(t.shape, by_dim)):
+        problem = _dim_cover(n, tuple((spec.placements[m], sizes[m]) for m in ms))
+        if problem:
+            return f"tensor {name!r} ({describe(t)}): dimension {d} of size {n}: {problem}"
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _dim_cover(n: int, splits: tuple) -> str | None:
+    """Whether the index sets of every coordinate combination of ``splits`` partition ``range(n)``."""
+    seen = np.zeros(n, dtype=np.int64)
+    for coords in itertools.product(*(range(size) for _, size in splits)):
+        np.add.at(seen, _indices(n, tuple((p, size, c) for (p, size), c in zip(splits, coords))), 1)
+    if (seen == 1).all():
+        return None
+    twice, never = np.flatnonzero(seen > 1), np.flatnonzero(seen == 0)
+    return (f"{len(twice)} indices held twice (first {twice[:5].tolist()}), "
+            f"{len(never)} held by no rank (first {never[:5].tolist()})")
+
+
+def total(pieces: Sequence[Piece]) -> int:
+    return sum(math.prod(p.box.sizes) for p in pieces)
