@@ -5,8 +5,11 @@ each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offset
 the header) plus an optional ``"__metadata__"`` object of string values. We always pad the JSON with spaces
 so that the data starts on an 8-byte boundary, and always write ``{"format": "pt"}``.
 
-Parsing treats the file as untrusted: the header size is bounded, every field is type-checked, offsets
-must tile the data section exactly (no holes, no overlaps, nothing past the end of the file).
+Parsing treats the file as untrusted: the header size is bounded, every field is type-checked, a shape has
+at most :data:`MAX_DIMS` dimensions (so every check costs time linear in the header's bytes), each entry
+spans exactly its elements' bits (sub-byte dtypes such as ``F4`` included; every dtype the format names is
+accepted, whether or not this torch build has it), and offsets must tile the data section exactly (no holes,
+no overlaps, nothing past the end of the file).
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ def read(fd: int, file_size: int, where: str = "") -> Header:
     if n > MAX_HEADER_BYTES:
         raise CheckpointFormatError(f"{label}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
     if 8 + n > file_size:
-        raise CheckpointFormatError(f"{label}: header length {n} runs past the end of the {file_size}-byte file (truncated?)")
+        raise CheckpointFormatError(
+            f"{label}: header length {n} runs past the end of the {file_size}-byte file (truncated?)")
     raw = os.pread(fd, n, 8)
     if len(raw) != n:
         raise CheckpointFormatError(f"{label}: short read of the header (file changed while reading?)")
@@ -85,7 +89,7 @@ def decode(raw: bytes, file_size: int, label: str = "header") -> Header:
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except _DuplicateKey as e:
-        raise CheckpointFormatError(f"{label}: header names {e.args[0]!r} twice") from None
+        raise CheckpointFormatError(f"{label}: header names {_brief(e.args[0])} twice") from None
     except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, integers past Python's digit limit
         raise CheckpointFormatError(f"{label}: header is not valid UTF-8 JSON ({e})") from None
     if not isinstance(obj, dict):
@@ -97,6 +101,11 @@ def decode(raw: bytes, file_size: int, label: str = "header") -> Header:
 
 
 _MAX_DIM = 2**63 - 1  # torch.Size holds int64
+MAX_DIMS = 64
+"""Most dimensions a header shape may have. torch's CUDA kernels refuse tensors of more than 25 dimensions
+(``MAX_TENSORINFO_DIMS``) and no model tensor comes close, so 64 refuses nothing real. Without a cap, the
+product of a forged shape of 200,000 dimensions of 2 (a 0.6 MB header) costs seconds of big-integer
+arithmetic, quadratic in the header's size; with it, every entry costs O(1) beyond reading its bytes."""
 
 
 class _DuplicateKey(Exception):
@@ -125,56 +134,87 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-_ITEMSIZE = {name: dt.itemsize for name, dt in dtypes._TO_TORCH.items()}
+_BITS = dtypes.BITS
 
 
 def _check_entry(name: str, value, data_start: int, label: str) -> TensorEntry:
-    """Fast acceptance of a well-formed entry; anything else goes to the checks that name the fault."""
+    """Fast acceptance of a well-formed entry; anything else goes to the checks that name the fault.
+
+    The dimension count is checked before any dimension is looked at, so the product below multiplies at
+    most :data:`MAX_DIMS` integers of at most 63 bits: a forged shape cannot make it slow.
+    """
     if type(value) is dict and len(value) == 3:
         dtype, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
-        if (type(dtype) is str and dtype in _ITEMSIZE and type(shape) is list and type(offsets) is list
-                and len(offsets) == 2 and type(offsets[0]) is int and type(offsets[1]) is int
-                and all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)
+        if (type(dtype) is str and dtype in _BITS and type(shape) is list and len(shape) <= MAX_DIMS
+                and type(offsets) is list and len(offsets) == 2 and type(offsets[0]) is int
+                and type(offsets[1]) is int and all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)
                 and 0 <= offsets[0] <= offsets[1]
-                and offsets[1] - offsets[0] == math.prod(shape) * _ITEMSIZE[dtype]):
+                and (offsets[1] - offsets[0]) * 8 == math.prod(shape) * _BITS[dtype]):
             return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
     return _check_entry_slowly(name, value, data_start, label)
 
 
 def _check_entry_slowly(name: str, value, data_start: int, label: str) -> TensorEntry:
-    where = f"{label}: tensor {name!r}"
+    where = f"{label}: tensor {_brief(name)}"
     if not isinstance(value, dict):
         raise CheckpointFormatError(f"{where}: entry must be an object, got {type(value).__name__}")
     if set(value) != _ENTRY_KEYS:
         missing, extra = _ENTRY_KEYS - set(value), set(value) - _ENTRY_KEYS
-        raise CheckpointFormatError(f"{where}: entry keys must be {sorted(_ENTRY_KEYS)}; missing {sorted(missing)}, unexpected {sorted(extra)}")
+        raise CheckpointFormatError(f"{where}: entry keys must be {sorted(_ENTRY_KEYS)}; "
+                                    f"missing {sorted(missing)}, unexpected {_brief(sorted(extra))}")
     dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
-    torch_dtype = dtypes.to_torch(dtype, name) if isinstance(dtype, str) else None
-    if torch_dtype is None:
-        raise CheckpointFormatError(f"{where}: dtype must be a string, got {dtype!r}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise CheckpointFormatError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
-    if any(d > _MAX_DIM for d in shape):
-        raise CheckpointFormatError(f"{where}: a dimension of shape {shape!r} exceeds {_MAX_DIM}")
+    if not isinstance(dtype, str):
+        raise CheckpointFormatError(f"{where}: dtype must be a string, got {_brief(dtype)}")
+    if dtype not in _BITS:
+        raise CheckpointFormatError(f"{where}: unknown safetensors dtype {_brief(dtype)}; known: {', '.join(_BITS)}")
+    _check_shape(shape, where)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
-        raise CheckpointFormatError(f"{where}: data_offsets must be two integers, got {offsets!r}")
+        raise CheckpointFormatError(f"{where}: data_offsets must be two integers, got {_brief(offsets)}")
     begin, end = offsets
     if not 0 <= begin <= end:
         raise CheckpointFormatError(f"{where}: data_offsets {offsets} are not 0 <= begin <= end")
-    expected = math.prod(shape) * dtypes.itemsize(torch_dtype)
-    if end - begin != expected:
-        raise CheckpointFormatError(f"{where}: data_offsets span {end - begin} bytes but shape {shape} of {dtype} needs {expected}")
+    bits = math.prod(shape) * _BITS[dtype]
+    if bits % 8:
+        raise CheckpointFormatError(f"{where}: shape {shape} of {dtype} holds {bits} bits, not a whole number of "
+                                    "bytes (a sub-byte dtype needs an element count that fills its last byte)")
+    if end - begin != bits // 8:
+        raise CheckpointFormatError(f"{where}: data_offsets span {end - begin} bytes but shape {shape} of {dtype} "
+                                    f"needs {bits // 8}")
     return TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _check_shape(shape, where: str) -> None:
+    """A list of at most MAX_DIMS integers in [0, 2**63): the count first, so that every later step is O(1)."""
+    if isinstance(shape, list) and len(shape) > MAX_DIMS:
+        raise CheckpointFormatError(f"{where}: shape has {len(shape)} dimensions; at most {MAX_DIMS} are allowed "
+                                    "(torch's CUDA kernels stop at 25). The file is corrupt or forged; re-download it")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CheckpointFormatError(f"{where}: shape must be a list of non-negative integers, got {_brief(shape)}")
+    if any(d > _MAX_DIM for d in shape):
+        raise CheckpointFormatError(f"{where}: a dimension of shape {_brief(shape)} exceeds {_MAX_DIM}")
+
+
+def _brief(value, limit: int = 200) -> str:
+    """``repr`` of an untrusted JSON value, cut to about ``limit`` characters (a forged value can be megabytes)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    if isinstance(value, list) and len(value) > 16:
+        return _brief(value[:16])[:-1] + f", ... ({len(value)} items)]"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_tiling(entries: dict[str, TensorEntry], data_start: int, file_size: int, label: str) -> None:
     pos = data_start
     for e in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
         if e.begin != pos:
-            kind = "overlaps the previous tensor" if e.begin < pos else f"leaves a hole of {e.begin - pos} bytes before it"
-            raise CheckpointFormatError(f"{label}: tensor {e.name!r} at data offset {e.begin - data_start} {kind}")
+            kind = ("overlaps the previous tensor" if e.begin < pos
+                    else f"leaves a hole of {e.begin - pos} bytes before it")
+            raise CheckpointFormatError(
+                f"{label}: tensor {_brief(e.name)} at data offset {e.begin - data_start} {kind}")
         pos = e.end
     if pos > file_size:
-        raise CheckpointFormatError(f"{label}: tensor data ends at byte {pos} but the file has {file_size} bytes (truncated?)")
+        raise CheckpointFormatError(
+            f"{label}: tensor data ends at byte {pos} but the file has {file_size} bytes (truncated?)")
     if pos < file_size:
         raise CheckpointFormatError(f"{label}: {file_size - pos} trailing bytes after the last tensor")

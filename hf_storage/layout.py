@@ -4,6 +4,8 @@ No I/O and no processes here: any rank that knows the global metadata (every ran
 metadata) computes the same :class:`Layout`, byte for byte. Files are filled in natural FQN order
 (``layers.2`` before ``layers.10``); inside a file tensors are ordered by item size, largest first, then
 by name, so every tensor starts on a multiple of its own item size (the header is padded to 8 bytes).
+:func:`plan` is also where a save is refused before any byte is written: a big-endian host, a repeated
+name, the reserved name ``__metadata__``, a dtype or shape the format cannot express.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import torch
 
 from . import dtypes, header
 from .box import Box
-from .errors import LayoutError, format_keys
+from .errors import LayoutError, UnsupportedEntryError, format_keys
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_FILE_NAME = "model.safetensors"
+RESERVED_NAME = "__metadata__"  # the header key of the file's metadata: no tensor may have this name
 
 _UNITS = {
     "": 1, "B": 1,
@@ -45,6 +48,8 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of data. Exact for sub-byte formats too: torch packs them (``float4_e2m1fn_x2`` holds two fp4
+        values in a 1-byte element), so torch elements always fill whole bytes."""
         return math.prod(self.shape) * self.itemsize
 
 
@@ -116,11 +121,16 @@ def plan(
     max_shard_size: int | str | None = None,
     fqn_to_index_mapping: Mapping[str, int] | None = None,
 ) -> Layout:
-    """Assign every tensor a file and an offset. Deterministic: depends only on its arguments."""
+    """Assign every tensor a file and an offset. Deterministic: depends only on its arguments.
+
+    Validates everything a save needs before any byte is written: host byte order, unique names that the
+    format can hold, dtypes and shapes it can express.
+    """
+    dtypes.check_host()
     ordered = sorted(specs, key=lambda s: natural_key(s.name))
     _check_unique(ordered)
     for s in ordered:
-        dtypes.to_safetensors(s.dtype, s.name)
+        _check_spec(s)
     if fqn_to_index_mapping is not None and max_shard_size is not None:
         raise LayoutError("give either fqn_to_index_mapping or max_shard_size, not both")
     if fqn_to_index_mapping is not None:
@@ -135,6 +145,20 @@ def _check_unique(specs: list[TensorSpec]) -> None:
     dup = {s.name for s in specs if s.name in seen or seen.add(s.name)}
     if dup:
         raise LayoutError(f"tensor names must be unique; repeated: {format_keys(sorted(dup))}")
+
+
+def _check_spec(s: TensorSpec) -> None:
+    """One tensor the format can hold and our reader will accept back."""
+    if s.name == RESERVED_NAME:
+        raise UnsupportedEntryError(
+            f"a tensor is named {RESERVED_NAME!r}, the key safetensors reserves for the header's metadata: the file "
+            "would lose either the tensor or the metadata. Rename the key before saving (and back after loading)")
+    if len(s.shape) > header.MAX_DIMS:
+        raise UnsupportedEntryError(
+            f"tensor {s.name!r} has {len(s.shape)} dimensions; hf_storage reads back at most {header.MAX_DIMS} "
+            "(the bound that keeps untrusted headers cheap to check). Reshape it before saving")
+    dtypes.to_safetensors(s.dtype, s.name)
+    dtypes.header_shape(s.dtype, s.shape, s.name)
 
 
 def _groups_from_mapping(specs: list[TensorSpec], mapping: Mapping[str, int]) -> list[list[TensorSpec]]:
@@ -172,7 +196,8 @@ def _build(groups: list[list[TensorSpec]], order: list[str]) -> Layout:
         group = sorted(group, key=lambda s: -s.itemsize)
         entries, pos = [], 0
         for s in group:
-            entries.append((s.name, dtypes.to_safetensors(s.dtype), s.shape, pos, pos + s.nbytes))
+            entries.append((s.name, dtypes.to_safetensors(s.dtype), dtypes.header_shape(s.dtype, s.shape), pos,
+                            pos + s.nbytes))
             pos += s.nbytes
         head = header.encode(entries)
         files.append(FileLayout(name, head, len(head) + pos, [s.name for s in group]))

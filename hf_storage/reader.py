@@ -6,6 +6,10 @@ as untrusted input), or from a lone ``model.safetensors``. Directories written b
 each carrying ``DCP_SHARDING_INFO``, are found by listing the directory. Each rank then ``preadv``s only
 the byte runs its targets need, straight into the target tensor's memory when it is a contiguous CPU
 tensor of the stored dtype, through a bounded staging buffer otherwise.
+
+A tensor this torch build cannot hold (a safetensors dtype it has no type for, such as ``F6_E2M3``) does not
+make the checkpoint unreadable: it is listed in :attr:`Checkpoint.blocked` instead of
+:attr:`Checkpoint.tensors`, and refused, by name, only when a load targets it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import math
 import os
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,6 +38,7 @@ from .errors import CheckpointFormatError, StateDictMismatchError, format_keys
 from .layout import INDEX_NAME, SINGLE_FILE_NAME
 
 MAX_INDEX_BYTES = 100 * 1000 * 1000
+_MAX_DIM = 2**63 - 1  # torch.Size holds int64
 _SHARDING_KEY = "DCP_SHARDING_INFO"
 
 
@@ -50,8 +55,22 @@ class StoredChunk(NamedTuple):
 class TensorInfo(NamedTuple):
     name: str
     dtype: torch.dtype
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # torch shape: for packed dtypes (float4_e2m1fn_x2) the header's last dim / 2
     chunks: tuple[StoredChunk, ...]
+
+
+class BlockedTensor(NamedTuple):
+    """A tensor the checkpoint holds but this torch build cannot: refused only when a load targets it."""
+
+    name: str
+    dtype: str  # the safetensors dtype name
+    shape: tuple[int, ...]  # the header shape (of the first stored piece)
+    reason: str  # why, and the fix: completes "tensor <name> ..."
+    pieces: tuple[tuple[str, int, int], ...]  # (file, absolute data offset, bytes) of each stored piece
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, _, n in self.pieces)
 
 
 @dataclass(frozen=True)
@@ -60,9 +79,12 @@ class Checkpoint:
     files: dict[str, header.Header]
     tensors: dict[str, TensorInfo]
     index: dict | None
+    blocked: dict[str, BlockedTensor] = field(default_factory=dict)
 
     def nbytes(self) -> int:
-        return sum(math.prod(t.shape) * dtypes.itemsize(t.dtype) for t in self.tensors.values())
+        """Bytes of tensor data, blocked tensors included. Cheap: shapes were validated against the file sizes."""
+        loadable = sum(math.prod(t.shape) * dtypes.itemsize(t.dtype) for t in self.tensors.values())
+        return loadable + sum(b.nbytes for b in self.blocked.values())
 
 
 def _confined(directory: Path, name: object) -> Path:
@@ -138,6 +160,7 @@ def _sharding_info(h: header.Header, name: str) -> dict[str, tuple[int, ...]]:
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read and validate a checkpoint's index and headers. No tensor data is read."""
+    dtypes.check_host()
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointFormatError(f"checkpoint directory {str(directory)!r} does not exist")
@@ -158,44 +181,71 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             )
         wanted = {n: [] for n in names}
     files = {name: _read_header(_confined(directory, name), name) for name in wanted}
-    absent = [f"{fqn} (in {fname})" for fname, fqns in wanted.items() for fqn in fqns if fqn not in files[fname].entries]
+    absent = [f"{fqn} (in {fname})" for fname, fqns in wanted.items() for fqn in fqns
+              if fqn not in files[fname].entries]
     if absent:
         raise CheckpointFormatError(f"the index names tensors their files do not hold: {format_keys(absent)}")
     listed = {fqn for fqns in wanted.values() for fqn in fqns} if index is not None else None
-    return Checkpoint(directory, files, _collect(files, listed), index)
+    return Checkpoint(directory, files, _collect(files, listed), index, _blocked(files, listed))
 
 
-def _collect(files: dict[str, header.Header], listed: set[str] | None) -> dict[str, TensorInfo]:
-    pieces: dict[str, list[StoredChunk]] = {}
+def _listed_entries(files: dict[str, header.Header], listed: set[str] | None):
+    """``(file, its DCP_SHARDING_INFO offsets, entry)`` of every entry the index lists (all without an index)."""
     for fname, h in files.items():
         sharding = _sharding_info(h, fname)
         for e in h.entries.values():
-            if listed is not None and e.name not in listed:
-                continue
-            offs = sharding.get(e.name, (0,) * len(e.shape))
-            pieces.setdefault(e.name, []).append(
-                StoredChunk(fname, e.begin, dtypes.to_torch(e.dtype), e.shape, offs))
-    tensors = {}
-    for name, chunks in pieces.items():
-        if len(chunks) == 1 and not any(chunks[0].offsets):  # the usual case: one whole tensor
-            c = chunks[0]
-            tensors[name] = TensorInfo(name, c.dtype, c.shape, (c,))
+            if listed is None or e.name in listed:
+                yield fname, sharding, e
+
+
+def _collect(files: dict[str, header.Header], listed: set[str] | None) -> dict[str, TensorInfo]:
+    """The tensors this torch build can load, their stored pieces assembled and checked; see :func:`_blocked`."""
+    pieces: dict[str, list[StoredChunk]] = {}
+    blocked: set[str] = set()
+    for fname, sharding, e in _listed_entries(files, listed):
+        if dtypes.unloadable(e.dtype, e.shape) is not None:
+            blocked.add(e.name)
             continue
-        kinds = {c.dtype for c in chunks}
-        if len(kinds) > 1:
-            raise CheckpointFormatError(f"tensor {name!r} is stored with several dtypes: {sorted(map(str, kinds))}")
-        if len({c.offsets for c in chunks}) != len(chunks):
-            raise CheckpointFormatError(f"tensor {name!r} is stored more than once: {[c.file for c in chunks]}")
-        ndim = {len(c.shape) for c in chunks}
-        if len(ndim) > 1:
-            raise CheckpointFormatError(f"pieces of tensor {name!r} disagree on the number of dimensions")
-        shape = tuple(max(c.offsets[d] + c.shape[d] for c in chunks) for d in range(len(chunks[0].shape)))
-        stored = sum(math.prod(c.shape) for c in chunks)
-        if stored != math.prod(shape):
-            raise CheckpointFormatError(f"the pieces of tensor {name!r} do not tile its shape {list(shape)}")
-        _check_disjoint(name, chunks)
-        tensors[name] = TensorInfo(name, chunks[0].dtype, shape, tuple(chunks))
-    return tensors
+        dtype = dtypes.to_torch(e.dtype, e.name)
+        offs = sharding.get(e.name, (0,) * len(e.shape))
+        pieces.setdefault(e.name, []).append(
+            StoredChunk(fname, e.begin, dtype, dtypes.torch_shape(dtype, e.shape), offs))
+    return {name: _assemble(name, chunks) for name, chunks in pieces.items() if name not in blocked}
+
+
+def _blocked(files: dict[str, header.Header], listed: set[str] | None) -> dict[str, BlockedTensor]:
+    """The tensors this torch build cannot hold (valid headers all the same), with the reason for each."""
+    pieces: dict[str, list[tuple[str, int, int]]] = {}
+    why: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    for fname, _, e in _listed_entries(files, listed):
+        pieces.setdefault(e.name, []).append((fname, e.begin, e.nbytes))
+        reason = dtypes.unloadable(e.dtype, e.shape)
+        if reason is not None and e.name not in why:
+            why[e.name] = (e.dtype, e.shape, reason)
+    return {name: BlockedTensor(name, *why[name], tuple(pieces[name])) for name in why}
+
+
+def _assemble(name: str, chunks: list[StoredChunk]) -> TensorInfo:
+    """One tensor from its stored pieces: one dtype, each element stored exactly once."""
+    if len(chunks) == 1 and not any(chunks[0].offsets):  # the usual case: one whole tensor
+        c = chunks[0]
+        return TensorInfo(name, c.dtype, c.shape, (c,))
+    kinds = {c.dtype for c in chunks}
+    if len(kinds) > 1:
+        raise CheckpointFormatError(f"tensor {name!r} is stored with several dtypes: {sorted(map(str, kinds))}")
+    if len({c.offsets for c in chunks}) != len(chunks):
+        raise CheckpointFormatError(f"tensor {name!r} is stored more than once: {[c.file for c in chunks]}")
+    ndim = {len(c.shape) for c in chunks}
+    if len(ndim) > 1:
+        raise CheckpointFormatError(f"pieces of tensor {name!r} disagree on the number of dimensions")
+    shape = tuple(max(c.offsets[d] + c.shape[d] for c in chunks) for d in range(len(chunks[0].shape)))
+    if any(d > _MAX_DIM for d in shape):  # forged DCP_SHARDING_INFO offsets: keep products small, torch.Size valid
+        raise CheckpointFormatError(f"the pieces of tensor {name!r} place it past dimension size {_MAX_DIM}")
+    stored = sum(math.prod(c.shape) for c in chunks)  # validated header shapes: each bounded by its file's size
+    if stored != math.prod(shape):
+        raise CheckpointFormatError(f"the pieces of tensor {name!r} do not tile its shape {list(shape)}")
+    _check_disjoint(name, chunks)
+    return TensorInfo(name, chunks[0].dtype, shape, tuple(chunks))
 
 
 def _check_disjoint(name: str, chunks: list[StoredChunk]) -> None:
@@ -227,25 +277,30 @@ def to_metadata(ckpt: Checkpoint) -> Metadata:
 
 def check_targets(ckpt: Checkpoint, targets: dict[str, tuple[tuple[int, ...], torch.dtype]], *,
                   strict: bool = True, allow_cast: bool = False) -> None:
-    """One error naming every target key that is missing, or whose shape / dtype differs."""
-    problems = []
+    """One error naming every target key that is missing, that this torch build cannot load, or whose shape /
+    dtype differs. A blocked key is refused even with ``strict=False``: it is present, only not loadable here."""
+    problems, fixes = [], {}
     for name, (shape, dtype) in targets.items():
         t = ckpt.tensors.get(name)
-        if t is None:
+        if name in ckpt.blocked:
+            problems.append(f"{name}: {ckpt.blocked[name].reason}")
+            fixes["blocked"] = "drop the keys this torch build cannot hold from the state dict, or follow their fix"
+        elif t is None:
             if strict:
                 problems.append(f"{name}: missing from the checkpoint")
-            continue
-        if tuple(shape) != t.shape:
-            problems.append(f"{name}: shape {list(shape)} but the checkpoint has {list(t.shape)}")
-        if dtype != t.dtype and not allow_cast:
-            problems.append(f"{name}: dtype {dtype} but the checkpoint has {t.dtype}")
+                fixes["missing"] = "pass strict=False to skip missing keys"
+        else:
+            if tuple(shape) != t.shape:
+                problems.append(f"{name}: shape {list(shape)} but the checkpoint has {list(t.shape)}")
+                fixes["shape"] = "build the target with the checkpoint's shapes"
+            if dtype != t.dtype and not allow_cast:
+                problems.append(f"{name}: dtype {dtype} but the checkpoint has {t.dtype}")
+                fixes["dtype"] = "pass allow_cast=True to convert dtypes"
     if problems:
-        fix = "pass strict=False to skip missing keys, allow_cast=True to convert dtypes" if any(
-            "missing" in p or "dtype" in p for p in problems) else "build the target with the checkpoint's shapes"
         raise StateDictMismatchError(
             f"{len(problems)} target tensors do not match the checkpoint at {ckpt.directory}: "
             + "; ".join(problems[:50]) + (f"; ... ({len(problems) - 50} more)" if len(problems) > 50 else "")
-            + f". Fix: {fix}.")
+            + f". Fix: {'; '.join(fixes.values())}.")
 
 
 class _FileCache:

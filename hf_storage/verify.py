@@ -116,14 +116,14 @@ def verify(path: str | os.PathLike, *, checksums: bool = True, block_bytes: int 
     index, wanted = _index(directory, rep)
     headers = _headers(directory, wanted, rep)
     listed = {fqn for fqns in wanted.values() for fqn in fqns} if index is not None else None
-    tensors = _tensors(headers, listed, rep)
-    rep.files, rep.tensors = len(headers), len(tensors)
-    rep.data_bytes = sum(math.prod(t.shape) * dtypes.itemsize(t.dtype) for t in tensors.values())
+    spans = _spans(_tensors(headers, listed, rep), _blocked(headers, listed, rep))
+    rep.files, rep.tensors = len(headers), len(spans)
+    rep.data_bytes = sum(n for pieces in spans.values() for _, _, n in pieces)
     if index is not None:
         _check_total_size(index, rep)
-    recorded = _recorded_checksums(index, tensors, rep)
+    recorded = _recorded_checksums(index, spans, rep)
     if checksums and recorded:
-        _check_checksums(directory, tensors, recorded, rep, block_bytes)
+        _check_checksums(directory, spans, recorded, rep, block_bytes)
     if rep.ok:
         _cross_check(directory, rep)
     return rep
@@ -245,7 +245,8 @@ def _order(name: str) -> tuple:
 
 
 def _itemsize(dtype_name: str) -> int:
-    return dtypes.itemsize(dtypes.to_torch(dtype_name))
+    """Alignment unit of a (validated) header dtype, whether or not this torch build has it: sub-byte ones 1."""
+    return max(1, dtypes.BITS[dtype_name] // 8)
 
 
 def _check_listed(fname: str, h: header.Header, fqns: list[str], rep: Report) -> None:
@@ -267,15 +268,35 @@ def _tensors(headers: dict[str, header.Header], listed: set[str] | None, rep: Re
     except CheckpointFormatError as first:
         names = sorted({e.name for h in headers.values() for e in h.entries.values()
                         if listed is None or e.name in listed}, key=_order)
-        out = {}
+        out, before = {}, len(rep.problems)
         for name in names:
             try:
                 out.update(reader._collect(headers, {name}))
             except CheckpointFormatError as e:
                 rep.problem(str(e), tensor=name, fix="re-save the checkpoint; each tensor must be stored once")
-        if len(out) == len(names):  # the failure was not tied to one tensor (e.g. malformed sharding info)
+        if len(rep.problems) == before:  # the failure was not tied to one tensor
             rep.problem(str(first), fix=_FIX_FILE)
         return out
+
+
+def _blocked(headers: dict[str, header.Header], listed: set[str] | None,
+             rep: Report) -> dict[str, reader.BlockedTensor]:
+    """Tensors this torch build cannot load: a warning each, not a problem (a newer torch loads them)."""
+    try:
+        blocked = reader._blocked(headers, listed)
+    except CheckpointFormatError:  # malformed sharding info: _tensors has reported it
+        return {}
+    for name in sorted(blocked, key=_order):
+        rep.warn(f"cannot be loaded here: it {blocked[name].reason}", tensor=name)
+    return blocked
+
+
+def _spans(tensors: dict[str, reader.TensorInfo], blocked: dict[str, reader.BlockedTensor]) -> dict[str, list]:
+    """``(file, absolute data offset, bytes)`` of each stored piece of every tensor, blocked ones included."""
+    spans = {name: [(c.file, c.begin, math.prod(c.shape) * dtypes.itemsize(c.dtype)) for c in t.chunks]
+             for name, t in tensors.items()}
+    spans.update({name: list(b.pieces) for name, b in blocked.items()})
+    return spans
 
 
 def _check_total_size(index: dict, rep: Report) -> None:
@@ -288,7 +309,7 @@ def _check_total_size(index: dict, rep: Report) -> None:
                     fix=_FIX_INDEX)
 
 
-def _recorded_checksums(index: dict | None, tensors: dict[str, reader.TensorInfo], rep: Report) -> dict[str, int]:
+def _recorded_checksums(index: dict | None, tensors: dict[str, list], rep: Report) -> dict[str, int]:
     """``metadata.checksums`` validated: ``{"algorithm": "crc32", "tensors": {fqn: "%08x"}}``."""
     if index is None:
         return {}
@@ -321,19 +342,18 @@ def _recorded_checksums(index: dict | None, tensors: dict[str, reader.TensorInfo
     return {k: v for k, v in recorded.items() if k in tensors}
 
 
-def _check_checksums(directory: Path, tensors: dict[str, reader.TensorInfo], recorded: dict[str, int],
+def _check_checksums(directory: Path, spans: dict[str, list], recorded: dict[str, int],
                      rep: Report, block_bytes: int) -> None:
     """Recompute each recorded CRC-32, file by file in data order, through one reused buffer."""
     buf = memoryview(bytearray(max(1, block_bytes)))
     by_file: dict[str, list[tuple[int, int, str]]] = {}
     for name in recorded:
-        chunks = tensors[name].chunks
-        if len(chunks) != 1:
-            rep.warn(f"stored in {len(chunks)} pieces; its checksum is not checked", tensor=name)
+        pieces = spans[name]
+        if len(pieces) != 1:
+            rep.warn(f"stored in {len(pieces)} pieces; its checksum is not checked", tensor=name)
             continue
-        c = chunks[0]
-        nbytes = math.prod(c.shape) * dtypes.itemsize(c.dtype)
-        by_file.setdefault(c.file, []).append((c.begin, nbytes, name))
+        fname, begin, nbytes = pieces[0]
+        by_file.setdefault(fname, []).append((begin, nbytes, name))
     for fname in sorted(by_file, key=_order):
         with _caught(rep, fname, _FIX_FILE):
             fd = os.open(reader._confined(directory, fname), os.O_RDONLY | os.O_NONBLOCK)

@@ -1,21 +1,26 @@
 """Config schemas of the launcher apps, registered in Hydra's ConfigStore, and the resolvers they use.
 
 Each config group stores its schema as the option ``schema`` (``model/schema``, ``world/schema`` ...); every
-YAML option of the group starts with ``defaults: [schema, _self_]``, so a misspelt key or a value of the
-wrong type fails at composition with Hydra's own message. The primary configs ``configs/save.yaml`` and
-``configs/load.yaml`` stay untyped at the top, so another primary (``configs/jobs.yaml``) can include
-``save`` and add its own groups. ``model`` is chosen on the command line (``+model=llama``).
+YAML option of the group starts with ``defaults: [schema, _self_]``. Each app's primary config starts its
+defaults list with the app's top-level schema (``save_schema``: :class:`SaveConfig`, ``load_schema``:
+:class:`LoadConfig`, ``jobs_schema``: :class:`JobsConfig`), so a misspelt key, a value of the wrong type or
+a choice outside a closed set (Enums) fails at composition with Hydra's message naming the key. The schemas
+leave every group ``MISSING``; the YAML's defaults list fills them, except ``model``, which is chosen on the
+command line (``+model=llama``: the defaults list must not already hold ``model``). A primary that adds
+groups or keys of its own (``configs/jobs.yaml``) lists a subclass of :class:`SaveConfig` after ``save``.
 
 Groups and keys (see ``configs/`` for the options):
 
-- ``model``: Hugging Face ``LlamaConfig`` field names (``model.num_hidden_layers=2``).
+- ``model``: Hugging Face ``LlamaConfig`` field names (``model.num_hidden_layers=2``); ``torch_dtype`` one of
+  :class:`DType`.
 - ``world``: ``nnodes``, ``nproc_per_node`` (checked against torchrun's environment), ``timeout_s``.
 - ``placement``: ``device`` (auto|cuda|cpu), ``gpus``, ``bind_cpus``, ``check_free_memory``, ``headroom``.
 - ``parallel``: ``dp_shard`` (-1: the ranks left over), ``tp`` (-1: all ranks).
-- ``output``: ``dir``, ``max_shard_size``, ``dtype``, ``overwrite`` (error|replace), ``durable``,
-  ``thread_count``.
+- ``output``: ``dir``, ``max_shard_size``, ``dtype`` (a :class:`DType` or null), ``overwrite`` (error|replace),
+  ``durable``, ``thread_count``.
 - ``source``: ``kind`` (random|dcp|hf), ``path``, ``key_prefix``, ``thread_count``.
-- top level: ``seed`` (random init), and in ``load.yaml`` ``compare`` (none|random) and ``dtype``.
+- top level: ``seed`` (int, the random init), and for ``load`` ``compare`` (none|random) and ``dtype`` (a
+  :class:`DType` or null).
 """
 
 from __future__ import annotations
@@ -47,6 +52,24 @@ class SourceKind(Enum):
     hf = "hf"
 
 
+class Compare(Enum):
+    none = "none"  # load only
+    random = "random"  # check every loaded tensor against the random init of ``seed``
+
+
+class DType(Enum):
+    """The dtypes a launcher checkpoint can hold; the short names are aliases (``output.dtype=bf16``)."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float64 = "float64"
+    fp32 = "float32"
+    bf16 = "bfloat16"
+    fp16 = "float16"
+    fp64 = "float64"
+
+
 @dataclass
 class ModelConfig:
     """A Llama architecture, with the field names of ``transformers.LlamaConfig`` (written to config.json)."""
@@ -71,7 +94,7 @@ class ModelConfig:
     initializer_range: float = 0.02  # std of the random source's init
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
-    torch_dtype: str = "bfloat16"  # dtype of the checkpoint unless output.dtype says otherwise
+    torch_dtype: DType = DType.bfloat16  # dtype of the checkpoint unless output.dtype says otherwise
 
 
 @dataclass
@@ -100,7 +123,7 @@ class ParallelConfig:
 class OutputConfig:
     dir: str = MISSING
     max_shard_size: str | None = "5GB"
-    dtype: str | None = None  # None: model.torch_dtype
+    dtype: DType | None = None  # None: model.torch_dtype
     overwrite: Overwrite = Overwrite.error
     durable: bool = False  # fsync files and directory before publishing
     thread_count: int = 4
@@ -113,6 +136,42 @@ class SourceConfig:
     key_prefix: str = ""  # dcp: prefix of the model keys, e.g. "model."
     thread_count: int = 4  # reader threads per rank
 
+
+@dataclass
+class SaveConfig:
+    """``configs/save.yaml``: every group is chosen by the defaults list, ``model`` by ``+model=NAME``."""
+
+    model: ModelConfig = MISSING
+    world: WorldConfig = MISSING
+    placement: PlacementConfig = MISSING
+    parallel: ParallelConfig = MISSING
+    output: OutputConfig = MISSING
+    source: SourceConfig = MISSING
+    seed: int = 0  # the random source: same seed => byte-identical checkpoint at any world size and layout
+
+
+@dataclass
+class LoadConfig:
+    """``configs/load.yaml``: load ``source.path`` (an HF checkpoint) into the layout, optionally compare."""
+
+    model: ModelConfig = MISSING
+    world: WorldConfig = MISSING
+    placement: PlacementConfig = MISSING
+    parallel: ParallelConfig = MISSING
+    source: SourceConfig = MISSING
+    seed: int = 0  # compare=random: the seed the checkpoint was saved with
+    compare: Compare = Compare.none
+    dtype: DType | None = None  # load into this dtype (cast while reading); None: the stored dtypes
+
+
+@dataclass
+class JobsConfig(SaveConfig):
+    """``configs/jobs.yaml``: the save app's config plus the cluster to render a job for."""
+
+    cluster: Any = MISSING  # typed by the cluster option's own schema (launcher.jobs)
+
+
+TOP_SCHEMAS = {"save_schema": SaveConfig, "load_schema": LoadConfig, "jobs_schema": JobsConfig}
 
 SCHEMAS = {
     "model": ModelConfig,
@@ -129,6 +188,8 @@ def register_schemas() -> None:
     cs = ConfigStore.instance()
     for group, node in SCHEMAS.items():
         cs.store(group=group, name=SCHEMA_OPTION, node=node)
+    for name, node in TOP_SCHEMAS.items():
+        cs.store(name=name, node=node)
 
 
 # ----------------------------------------------------------------------------------------------- resolvers

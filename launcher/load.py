@@ -8,13 +8,14 @@
 Each rank builds empty DTensor shards for the model's parameters (``model`` + ``parallel``), checks the
 checkpoint's names and shapes against the model (one error lists every missing, unexpected or misshapen
 tensor), and reads only the bytes of its own shards. ``compare=random`` then checks every shard against
-the random init of ``seed`` (``launcher.save``'s default source): the app exits non-zero on any mismatch.
+the random init of ``seed`` (``launcher.save``'s default source): the app exits 1 on any mismatch, with one
+line naming the tensors. Every error the user can fix ends the app that way (``HYDRA_FULL_ERROR=1``: the
+traceback instead).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -26,12 +27,12 @@ import hf_storage
 
 from . import config as _config  # noqa: F401  (registers the schemas and resolvers before Hydra composes)
 from . import session
+from .config import Compare, SourceKind
 from .dist import Parallel, all_gather, gather_to_rank0
 from .models import ParamSpec, param_specs, parse_dtype
 from .sources import check_names, empty_state, random_local
 
 log = logging.getLogger("launcher.load")
-COMPARE = ("none", "random")
 
 
 class CompareError(RuntimeError):
@@ -56,15 +57,8 @@ class LoadReport:
         return text + ("; " + session.memory_line(self.peaks) if self.peaks else "")
 
 
-def compare_mode(cfg) -> str:
-    mode = str(cfg.get("compare") or "none")
-    if mode not in COMPARE:
-        raise session.ConfigError(f"compare={mode!r} is not one of {', '.join(COMPARE)}")
-    return mode
-
-
 def target_dtypes(cfg, ckpt, specs: list[ParamSpec]) -> dict[str, torch.dtype]:
-    if cfg.get("dtype"):
+    if cfg.dtype is not None:
         dtype = parse_dtype(cfg.dtype, "dtype")
         return {s.name: dtype for s in specs}
     return {s.name: ckpt.tensors[s.name].dtype for s in specs}
@@ -77,7 +71,7 @@ def mismatches(cfg, state: dict[str, DTensor], specs: list[ParamSpec], par: Para
     for s in specs:
         local = state[s.name].to_local()
         offsets, sizes = par.local_box(s)
-        want = random_local(int(cfg.seed), s, offsets, sizes, float(cfg.model.initializer_range), local.dtype,
+        want = random_local(cfg.seed, s, offsets, sizes, cfg.model.initializer_range, local.dtype,
                             local.device, workers)
         if not torch.equal(local, want):
             bad.append(s.name)
@@ -87,8 +81,8 @@ def mismatches(cfg, state: dict[str, DTensor], specs: list[ParamSpec], par: Para
 def run(cfg) -> LoadReport:
     """The whole load on this rank; raises :class:`CompareError` on every rank if any rank mismatched."""
     session.check_config(cfg, session.GROUPS)
-    path = os.path.abspath(session.require(cfg, "source.path", "/path/to/checkpoint"))
-    mode = compare_mode(cfg)
+    path = session.require_dir(cfg, "source.path", session.CHECKPOINT_KINDS[SourceKind.hf])
+    compare = cfg.compare is Compare.random
     specs = param_specs(cfg.model)
     ckpt = hf_storage.open_checkpoint(path)
     check_names({n: t.shape for n, t in ckpt.tensors.items()}, specs, f"HF checkpoint {path}")
@@ -96,16 +90,16 @@ def run(cfg) -> LoadReport:
     with session.start(cfg, specs, max(d.itemsize for d in dtypes.values())) as s:
         state = empty_state(specs, s.par, dtypes)
         t0 = time.perf_counter()
-        summary = hf_storage.load(state, path, allow_cast=bool(cfg.get("dtype")),
-                                  thread_count=int(cfg.source.thread_count))
+        summary = hf_storage.load(state, path, allow_cast=cfg.dtype is not None,
+                                  thread_count=cfg.source.thread_count)
         seconds = max(all_gather(time.perf_counter() - t0))
-        bad = mismatches(cfg, state, specs, s.par, s.place.threads) if mode == "random" else []
+        bad = mismatches(cfg, state, specs, s.par, s.place.threads) if compare else []
         every_bad = sorted({n for names in all_gather(bad) for n in names})
         report = LoadReport(path, summary.tensors, ckpt.nbytes(), gather_to_rank0(summary.local_bytes), seconds,
                             every_bad, session.gather_peaks(s.place.device))
     if s.is_rank0:
         log.info(report.line())
-        if mode == "random" and not report.mismatched:
+        if compare and not report.mismatched:
             log.info("compare=random: all %d tensors equal the random init of seed=%s", len(specs), cfg.seed)
     if report.mismatched:
         raise CompareError(f"compare=random: {len(report.mismatched)} of {len(specs)} tensors differ from the "
@@ -115,6 +109,7 @@ def run(cfg) -> LoadReport:
 
 
 @hydra.main(config_path="../configs", config_name="load", version_base="1.3")
+@session.one_line_errors("launcher.load", CompareError)
 def main(cfg) -> None:
     run(cfg)
 

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .config import DType
+
 COLWISE, ROWWISE = 0, 1  # the tensor dimension tensor parallelism splits
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-    "float64": torch.float64, "fp64": torch.float64,
+TORCH_DTYPES: dict[DType, torch.dtype] = {
+    DType.float32: torch.float32, DType.bfloat16: torch.bfloat16,
+    DType.float16: torch.float16, DType.float64: torch.float64,
 }
 
 
@@ -39,12 +39,18 @@ class ParamSpec:
         return math.prod(self.shape)
 
 
-def parse_dtype(name: str, key: str) -> torch.dtype:
-    """``"bf16"`` -> ``torch.bfloat16``; ``key`` names the config key in the error."""
+def parse_dtype(name: DType | str, key: str) -> torch.dtype:
+    """``DType.bf16`` or ``"bf16"`` -> ``torch.bfloat16``; ``key`` names the config key in the error.
+
+    A composed config holds :class:`DType` members already (the schema validated them); strings are for
+    callers outside Hydra.
+    """
+    if isinstance(name, DType):
+        return TORCH_DTYPES[name]
     try:
-        return DTYPES[str(name).lower().removeprefix("torch.")]
+        return TORCH_DTYPES[DType[str(name).lower().removeprefix("torch.")]]
     except KeyError:
-        raise ModelConfigError(f"{key}={name!r} is not a dtype; use one of {', '.join(DTYPES)}") from None
+        raise ModelConfigError(f"{key}={name!r} is not a dtype; use one of {', '.join(DType.__members__)}") from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -74,7 +80,6 @@ def check_model(m) -> None:
     if m.num_attention_heads % m.num_key_value_heads:
         problems.append(f"model.num_attention_heads={m.num_attention_heads} is not a multiple of "
                         f"model.num_key_value_heads={m.num_key_value_heads}")
-    parse_dtype(m.torch_dtype, "model.torch_dtype")
     if problems:
         raise ModelConfigError("; ".join(problems))
 

@@ -14,6 +14,10 @@ environment -> choose the device (NVML/CUDA or CPU) -> init the process group (N
 -> build the sharded state from ``source`` (random | dcp | hf) -> ``hf_storage.save`` with ``config.json``
 -> rank 0 prints the summary. The run directory (``outputs/save/<torchrun run id>``, or ``$LAUNCHER_RUN_DIR``)
 is the same on every rank; only rank 0 writes ``.hydra/`` and ``save.log`` there.
+
+An error the user can fix (``output.dir`` already holds a checkpoint, a missing ``source.path``, a world-size
+mismatch, a bad value) ends the app with one line per failing rank and exit status 1, no traceback;
+``HYDRA_FULL_ERROR=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import hf_storage
 
 from . import config as _config  # noqa: F401  (registers the schemas and resolvers before Hydra composes)
 from . import session
-from .config import Overwrite, SourceKind
+from .config import Overwrite
 from .models import dtype_name, hf_config, param_specs, parse_dtype
 from .sources import build_state
 
@@ -57,7 +61,7 @@ class SaveReport:
 
 
 def output_dtype(cfg) -> torch.dtype:
-    if cfg.output.dtype:
+    if cfg.output.dtype is not None:
         return parse_dtype(cfg.output.dtype, "output.dtype")
     return parse_dtype(cfg.model.torch_dtype, "model.torch_dtype")
 
@@ -76,21 +80,22 @@ def write(cfg, state: dict[str, DTensor], out: str, dtype: torch.dtype, show: bo
     extra = {"config.json": json.dumps(hf_config(cfg.model, dtype), indent=2) + "\n"}
     with session.byte_progress(bytes_written_here(state), show, "rank 0 writing") as progress:
         return hf_storage.save(
-            state, out, max_shard_size=cfg.output.max_shard_size, thread_count=int(cfg.output.thread_count),
-            durable=bool(cfg.output.durable), overwrite=Overwrite(cfg.output.overwrite) is Overwrite.replace,
+            state, out, max_shard_size=cfg.output.max_shard_size, thread_count=cfg.output.thread_count,
+            durable=cfg.output.durable, overwrite=cfg.output.overwrite is Overwrite.replace,
             extra_files=extra, progress=progress)
 
 
 def run(cfg) -> SaveReport:
     """The whole save on this rank; returns the report (with every rank's peaks on rank 0)."""
     session.check_config(cfg, session.GROUPS + ("output",))
+    session.check_source(cfg)
     out = os.path.abspath(session.require(cfg, "output.dir", "/path/to/checkpoint"))
     dtype = output_dtype(cfg)
     specs = param_specs(cfg.model)
     with session.start(cfg, specs, dtype.itemsize) as s:
         if s.is_rank0:
             log.info("saving %d tensors (%s, source=%s) to %s", len(specs), dtype_name(dtype),
-                     SourceKind(cfg.source.kind).value, out)
+                     cfg.source.kind.value, out)
         t0 = time.perf_counter()
         state = build_state(cfg, specs, s.par, dtype, s.place.threads)
         built = time.perf_counter() - t0
@@ -102,6 +107,7 @@ def run(cfg) -> SaveReport:
 
 
 @hydra.main(config_path="../configs", config_name="save", version_base="1.3")
+@session.one_line_errors("launcher.save")
 def main(cfg) -> None:
     run(cfg)
 

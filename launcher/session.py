@@ -1,4 +1,8 @@
-"""What both apps do around their work: check the config, place the rank, hold the process group, report.
+"""What the apps do around their work: check the config, place the rank, hold the process group, report.
+
+    @hydra.main(config_path="../configs", config_name="save", version_base="1.3")
+    @session.one_line_errors("launcher.save")        # a fixable error: one line per rank, exit status 1
+    def main(cfg): ...
 
     with session.start(cfg, specs, itemsize) as s:   # world check, device, process group, device mesh
         ...                                          # s.info, s.place, s.par
@@ -7,10 +11,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import resource
 import statistics
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +26,13 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+import hf_storage
+
 from . import placement
+from .config import SourceKind, env_rank
 from .dist import (
     Parallel,
+    WorldError,
     WorldInfo,
     check_world,
     gather_to_rank0,
@@ -31,7 +42,9 @@ from .dist import (
     resolve_degrees,
     world_from_env,
 )
-from .models import ParamSpec, check_model
+from .models import ModelConfigError, ParamSpec, check_model
+from .sources import SourceError
+from .titan import UnknownKeyError
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -50,8 +63,12 @@ GROUPS = ("world", "placement", "parallel", "source")
 
 
 def check_config(cfg, groups=GROUPS) -> None:
-    """A model is chosen and valid, every group the app reads is there, ``seed`` is an integer."""
-    if "model" not in cfg or cfg.model is None:
+    """A model is chosen and valid, every group the app reads is there, no top-level key was removed.
+
+    Types and closed choices were checked at composition by the app's schema (``launcher.config``); what is
+    left are the values a schema cannot express: a chosen model, groups or keys deleted with ``~KEY``.
+    """
+    if "model" not in cfg or cfg.model is None:  # ``in`` is False for a MISSING (``???``) value
         raise ConfigError(f"no model chosen: add +model=NAME to the command line, NAME one of "
                           f"{', '.join(options_of('model'))} (e.g. +model=llama)")
     check_model(cfg.model)
@@ -59,8 +76,8 @@ def check_config(cfg, groups=GROUPS) -> None:
     if gone:
         options = "; ".join(f"{g}={'|'.join(options_of(g))}" for g in gone)
         raise ConfigError(f"the config has no {', '.join(gone)} (removed with ~GROUP?); choose one: {options}")
-    if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
-        raise ConfigError(f"seed={cfg.get('seed')!r} must be an integer: pass seed=INT")
+    if "seed" not in cfg.keys():  # a schema key can still be deleted with ~seed
+        raise ConfigError("the config has no seed (removed with ~seed?); pass seed=INT instead")
 
 
 def require(cfg, key: str, example: str) -> str:
@@ -70,6 +87,32 @@ def require(cfg, key: str, example: str) -> str:
     if parent is None or OmegaConf.is_missing(parent, leaf) or not parent[leaf]:
         raise ConfigError(f"{key} is required: add {key}={example} to the command line")
     return str(parent[leaf])
+
+
+def require_dir(cfg, key: str, what: str) -> str:
+    """The absolute directory the dotted ``key`` names; a clear error if it is unset or not a directory."""
+    path = os.path.abspath(require(cfg, key, "/path/to/checkpoint"))
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key}={path} does not exist or is not a directory: pass {key}=DIR of {what}")
+    return path
+
+
+CHECKPOINT_KINDS = {
+    SourceKind.hf: "a Hugging Face checkpoint (model.safetensors.index.json + *.safetensors)",
+    SourceKind.dcp: "a torch.distributed.checkpoint directory (torchtitan's checkpoint/step-N, with .metadata)",
+}
+
+
+def check_source(cfg) -> str | None:
+    """The absolute ``source.path`` of a dcp / hf source, checked before any process group; None for random."""
+    kind = SourceKind(cfg.source.kind)
+    if kind is SourceKind.random:
+        return None
+    path = require_dir(cfg, "source.path", CHECKPOINT_KINDS[kind])
+    if kind is SourceKind.dcp and not os.path.isfile(os.path.join(path, ".metadata")):
+        raise ConfigError(f"source.path={path} holds no .metadata file, so it is not a DCP checkpoint: pass "
+                          f"source.path=DIR of {CHECKPOINT_KINDS[kind]}, or source=hf for an HF checkpoint")
+    return path
 
 
 @dataclass
@@ -102,6 +145,59 @@ def start(cfg, specs: list[ParamSpec], itemsize: int) -> Iterator[Session]:
             yield Session(info, place, make_parallel(place.device_type, dp, tp))
     finally:
         torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------------- errors
+
+# Errors whose message names the cause and the fix: the apps end on them with one line, not a traceback.
+FIXABLE: tuple[type[BaseException], ...] = (
+    ConfigError, ModelConfigError, WorldError, placement.PlacementError, SourceError, UnknownKeyError,
+    hf_storage.HFStorageError,
+)
+
+
+def full_error() -> bool:
+    """``HYDRA_FULL_ERROR=1``: let the exception through, with its traceback (as Hydra does)."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def error_line(app: str, e: BaseException) -> str:
+    """``launcher.save: CheckpointExistsError: ...``: one line, whatever line breaks the message holds."""
+    return f"{app}: {type(e).__name__}: {' '.join(str(e).split()) or '(no message)'}"
+
+
+def _to_log_files(app: str, line: str) -> None:
+    """The line into the run's log file too (rank 0 has one), without printing it a second time."""
+    record = logging.LogRecord(app, logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def one_line_errors(app: str, *more: type[BaseException]) -> Callable:
+    """Decorate an app's main: a fixable error (:data:`FIXABLE` or ``more``) prints one line and exits 1.
+
+    Every rank that fails prints its own line on stderr, prefixed ``[rankN]`` under torchrun: a rank-specific
+    cause (a GPU, a node-local path) is never hidden behind rank 0's. ``HYDRA_FULL_ERROR=1`` re-raises instead.
+    Put it under ``@hydra.main`` (Hydra finds the config path through ``__wrapped__``).
+    """
+    fixable = FIXABLE + more
+
+    def decorate(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def wrapper(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except fixable as e:
+                if full_error():
+                    raise
+                line = error_line(app, e)
+                _to_log_files(app, line)
+                where = f"[rank{env_rank()}] " if "RANK" in os.environ else ""  # torchrun started it
+                print(where + line, file=sys.stderr, flush=True)
+                raise SystemExit(1) from None
+        return wrapper
+    return decorate
 
 
 # ------------------------------------------------------------------------------------------------ reporting

@@ -1,7 +1,8 @@
 """Where the weights come from: ``random`` (default), ``dcp`` (torchtitan run) or ``hf`` (existing checkpoint).
 
     torchrun --nproc-per-node=8 -m launcher.save +model=llama3_8b output.dir=/ckpt/rand seed=1
-    torchrun --nproc-per-node=8 -m launcher.save +model=llama3_8b source=dcp source.path=/runs/x/step-1000 output.dir=/ckpt/hf
+    torchrun --nproc-per-node=8 -m launcher.save +model=llama3_8b source=dcp source.path=/runs/x/step-1000 \
+        output.dir=/ckpt/hf
     torchrun --nproc-per-node=8 -m launcher.save +model=llama3_8b source=hf source.path=/ckpt/hf output.dir=/ckpt/fp32 \
         output.dtype=float32 output.max_shard_size=2GB
 
@@ -227,10 +228,10 @@ class _BoxPlanner(DefaultLoadPlanner):
         pass  # resolve_tensor handed out a view of the buffer: the data is already in place
 
 
-def _dcp_shapes(metadata, prefix: str, specs: list[ParamSpec]) -> dict[str, tuple[int, ...]]:
+def _dcp_shapes(metadata, prefix: str, specs: list[ParamSpec], names: titan.TitanNames) -> dict[str, tuple[int, ...]]:
     found = {}
     for s in specs:
-        md = metadata.state_dict_metadata.get(prefix + titan.titan_name(s.name))
+        md = metadata.state_dict_metadata.get(prefix + titan.titan_name(s.name, names))
         if isinstance(md, TensorStorageMetadata):
             found[s.name] = tuple(md.size)
     return found
@@ -238,16 +239,20 @@ def _dcp_shapes(metadata, prefix: str, specs: list[ParamSpec]) -> dict[str, tupl
 
 def dcp_state(path: str, prefix: str, specs: list[ParamSpec], par: Parallel, model,
               dtype: torch.dtype) -> dict[str, DTensor]:
-    """Each rank reads from a torchtitan DCP checkpoint only the rows of the heads its shards overlap."""
+    """Each rank reads from a torchtitan DCP checkpoint only the rows of the heads its shards overlap.
+
+    Either set of torchtitan names is read (:func:`titan.detect` on the checkpoint's metadata keys).
+    """
     metadata = FileSystemReader(path).read_metadata()
-    check_names(_dcp_shapes(metadata, prefix, specs), specs,
-                f"DCP checkpoint {path} (torchtitan names, key prefix {prefix!r})", unexpected=False)
+    names = titan.detect(metadata.state_dict_metadata, prefix)
+    check_names(_dcp_shapes(metadata, prefix, specs, names), specs,
+                f"DCP checkpoint {path} ({names.describe()}, key prefix {prefix!r})", unexpected=False)
     hd = head_dim(model)
     boxes, wanted = {}, {}
     for s in specs:
         offsets, sizes = par.local_box(s)
         src_off, src_sizes = titan.source_box(s.name, offsets, sizes, hd)
-        fqn = prefix + titan.titan_name(s.name)
+        fqn = prefix + titan.titan_name(s.name, names)
         stored = metadata.state_dict_metadata[fqn].properties.dtype
         boxes[fqn] = (torch.empty(src_sizes, dtype=stored), src_off)
         wanted[s.name] = (fqn, offsets, sizes)
@@ -269,9 +274,9 @@ def build_state(cfg, specs: list[ParamSpec], par: Parallel, dtype: torch.dtype,
     """The model state from ``cfg.source``, in ``dtype``, sharded as ``par`` says."""
     kind = SourceKind(cfg.source.kind)
     if kind is SourceKind.random:
-        return random_state(int(cfg.seed), specs, par, float(cfg.model.initializer_range), dtype, workers)
+        return random_state(cfg.seed, specs, par, cfg.model.initializer_range, dtype, workers)
     if not cfg.source.path:
         raise SourceError(f"source={kind.value} needs source.path=/path/to/checkpoint")
     if kind is SourceKind.hf:
-        return hf_state(cfg.source.path, specs, par, dtype, int(cfg.source.thread_count))
+        return hf_state(cfg.source.path, specs, par, dtype, cfg.source.thread_count)
     return dcp_state(cfg.source.path, cfg.source.key_prefix, specs, par, cfg.model, dtype)

@@ -5,26 +5,35 @@
 
 The same check as ``python -m hf_storage verify DIR``, addressed the way the launcher's configs name the
 checkpoint (``output.dir=`` as in ``launcher.save``, or ``source.path=`` as in ``launcher.load``). Exit
-status: 0 when the checkpoint is sound, 1 on any problem, 2 on a usage error.
+status: 0 when the checkpoint is sound, 1 on any problem (a path that is not a directory: one line, as in
+the other apps), 2 on a usage error.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from hf_storage.__main__ import main as hf_storage_main
 
+from .session import ConfigError, one_line_errors
+
 _KEYS = ("output.dir=", "source.path=")
 
 
+@one_line_errors("launcher.verify")
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    paths = [a.split("=", 1)[1] if a.startswith(_KEYS) else a for a in args if not a.startswith("-")]
+    paths = [a for a in args if not a.startswith("-")]
     flags = [a for a in args if a.startswith("-")]
     if len(paths) != 1:
         print("usage: python -m launcher.verify output.dir=DIR [--strict] [--no-checksums]", file=sys.stderr)
         return 2
-    return hf_storage_main(["verify", paths[0], *flags])
+    key, _, path = paths[0].partition("=") if paths[0].startswith(_KEYS) else ("", "", paths[0])
+    if not os.path.isdir(path):
+        named = f"{key}={path}" if key else repr(path)
+        raise ConfigError(f"{named} is not a directory: pass output.dir=DIR of a checkpoint")
+    return hf_storage_main(["verify", path, *flags])
 
 
 if __name__ == "__main__":

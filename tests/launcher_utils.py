@@ -12,11 +12,13 @@ BIN = Path(sys.executable).parent
 
 
 def app_env(**extra: str) -> dict[str, str]:
+    """This environment without torchrun's variables; tracebacks on (``HYDRA_FULL_ERROR="0"`` turns them off)."""
     env = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR",
               "MASTER_PORT", "TORCHELASTIC_RUN_ID", "LAUNCHER_RUN_DIR"):
         env.pop(k, None)
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1", **extra)
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1")
+    env.update(extra)
     return env
 
 

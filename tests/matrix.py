@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 import hf_storage
-from hf_storage.dtypes import SUPPORTED_DTYPES
+from hf_storage.dtypes import PACKED, SUPPORTED_DTYPES
 
 SHAPES = {
     "uneven": (7, 5),
@@ -58,8 +58,11 @@ def hash_name(name: str) -> int:
 
 
 def case_names():
+    """Every dtype x shape, but a 0-dim packed dtype (fp4 x2), which no safetensors shape can express."""
     for dt in SUPPORTED_DTYPES:
         for sname, shape in SHAPES.items():
+            if dt in PACKED and shape == ():
+                continue
             yield f"{str(dt).removeprefix('torch.')}.{sname}", dt, shape
 
 

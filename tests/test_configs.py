@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from launcher import config as lconfig
+from launcher.config import Compare, DType, JobsConfig, LoadConfig, SaveConfig
 from launcher.dist import WorldError, WorldInfo, check_world, resolve_degrees, world_from_env
-from launcher.load import compare_mode
 from launcher.models import ModelConfigError, hf_config, param_specs, parse_dtype
 from launcher.session import CONFIG_DIR, ConfigError, check_config, options_of, require
 
@@ -107,25 +111,35 @@ def test_removed_group_or_seed_is_named():
         check_config(compose_app("save", "~seed"))
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("output.overwrite=maybe", "error, replace"),
-    ("placement.device=tpu", "auto, cuda, cpu"),
-    ("model.num_hidden_layers=abc", "num_hidden_layers"),
-    ("model.hidden_sise=64", "hidden_sise"),
-    ("source=s3", "source"),
+@pytest.mark.parametrize("app,override,needles", [
+    ("save", "output.overwrite=maybe", ["output.overwrite=maybe", "error, replace"]),
+    ("save", "placement.device=tpu", ["auto, cuda, cpu"]),
+    ("save", "model.num_hidden_layers=abc", ["num_hidden_layers"]),
+    ("save", "model.hidden_sise=64", ["hidden_sise"]),
+    ("save", "source=s3", ["source"]),
+    ("save", "seed=abc", ["seed=abc", "'abc'", "Integer"]),
+    ("save", "seed=1.5", ["seed=1.5", "Integer"]),
+    ("save", "model.torch_dtype=float7", ["'float7'", "float32, bfloat16"]),
+    ("save", "output.dtype=int4", ["'int4'", "bf16"]),
+    ("save", "output.durable=sometimes", ["output.durable", "not a valid bool"]),
+    ("save", "output.thread_count=many", ["output.thread_count", "Integer"]),
+    ("save", "seeed=1", ["seeed", "SaveConfig"]),
+    ("save", "compare=random", ["compare", "SaveConfig"]),  # a load key is not a save key
+    ("load", "compare=yes", ["compare=yes", "none, random"]),
+    ("load", "dtype=float7", ["dtype=float7", "float32, bfloat16"]),
+    ("load", "seed=abc", ["seed=abc", "Integer"]),
 ])
-def test_bad_values_fail_at_composition(override, needle):
+def test_bad_types_and_choices_fail_at_composition_naming_the_key(app, override, needles):
     with pytest.raises(HydraException) as e:
-        compose_app("save", override)
-    assert needle in error_text(e.value)
+        compose_app(app, override)
+    text = error_text(e.value)
+    assert all(n in text for n in needles), text
 
 
 @pytest.mark.parametrize("override,error,needle", [
     ("model.num_attention_heads=5", ModelConfigError, "num_attention_heads=5"),
     ("model.num_key_value_heads=3", ModelConfigError, "num_key_value_heads=3"),
     ("model.vocab_size=0", ModelConfigError, "vocab_size=0"),
-    ("model.torch_dtype=float7", ModelConfigError, "model.torch_dtype='float7'"),
-    ("seed=abc", ConfigError, "seed='abc'"),
 ])
 def test_bad_values_fail_before_any_process_group(override, error, needle):
     with pytest.raises(error) as e:
@@ -133,10 +147,27 @@ def test_bad_values_fail_before_any_process_group(override, error, needle):
     assert needle in str(e.value)
 
 
-def test_bad_compare_mode():
-    assert compare_mode(compose_app("load", "compare=random")) == "random"
-    with pytest.raises(ConfigError, match="none, random"):
-        compare_mode(compose_app("load", "compare=yes"))
+def test_top_level_is_typed_by_the_app_schema():
+    save, load = compose_app("save", "seed=3", "output.dtype=bf16"), compose_app("load", "compare=random", "dtype=fp32")
+    assert OmegaConf.get_type(save) is SaveConfig and OmegaConf.get_type(load) is LoadConfig
+    assert save.seed == 3 and save.output.dtype is DType.bfloat16 and save.model.torch_dtype is DType.float32
+    assert load.compare is Compare.random and load.dtype is DType.float32 and load.seed == 0
+    assert compose_app("load").compare is Compare.none and compose_app("load").dtype is None
+    bf16 = parse_dtype(save.output.dtype, "output.dtype")
+    assert bf16 is parse_dtype("bf16", "x") is parse_dtype("torch.bfloat16", "x") is torch.bfloat16
+    with pytest.raises(ModelConfigError, match="float7"):
+        parse_dtype("float7", "x")
+
+
+def test_jobs_primary_extends_the_save_schema_without_changing_its_values():
+    import launcher.jobs  # noqa: F401  (registers the cluster schemas)
+
+    save = compose_app("save", "seed=5", "world=2x8")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        jobs = compose("jobs", ["+model=tiny", "output.dir=/tmp/ckpt", "seed=5", "world=2x8"])
+    assert OmegaConf.get_type(jobs) is JobsConfig and "cluster" in jobs
+    top = {k: v for k, v in OmegaConf.to_container(jobs).items() if k != "cluster"}
+    assert top == OmegaConf.to_container(save)
 
 
 @pytest.mark.parametrize("dp,tp,world,expect", [(-1, 1, 4, (4, 1)), (-1, 2, 4, (2, 2)), (1, -1, 2, (1, 2)),
@@ -190,11 +221,24 @@ def test_run_dir_is_shared_and_only_rank0_writes(monkeypatch):
     assert compose_app("save", hydra=True).hydra.run.dir == "/shared/run"
 
 
+@dataclass
+class ProbeConfig(SaveConfig):
+    cluster: Any = MISSING
+    job_name: str = MISSING
+
+
 def test_save_config_is_composable_from_another_primary(tmp_path: Path):
-    """configs/jobs.yaml style: [save, cluster: x, _self_] in a primary that adds its own groups and keys."""
+    """configs/jobs.yaml style: [save, SCHEMA, cluster: x, _self_], SCHEMA a subclass of SaveConfig that names
+    the primary's own groups and keys; without it the typed top level refuses them."""
+    ConfigStore.instance().store(name="probe_schema", node=ProbeConfig)
     (tmp_path / "cluster").mkdir()
     (tmp_path / "cluster" / "fake.yaml").write_text("nodes_from: world\n")
-    (tmp_path / "probe.yaml").write_text("defaults:\n  - save\n  - cluster: fake\n  - _self_\njob_name: x\n")
+    (tmp_path / "untyped.yaml").write_text("defaults:\n  - save\n  - cluster: fake\n  - _self_\njob_name: x\n")
+    (tmp_path / "probe.yaml").write_text("defaults:\n  - save\n  - probe_schema\n  - cluster: fake\n  - _self_\n"
+                                         "job_name: x\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"), pytest.raises(HydraException) as e:
+        compose(config_name="untyped", overrides=[f"hydra.searchpath=[file://{CONFIG_DIR}]", "+model=tiny"])
+    assert "cluster" in error_text(e.value)
     with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
         cfg = compose(config_name="probe", overrides=[f"hydra.searchpath=[file://{CONFIG_DIR}]", "+model=tiny",
                                                       "world=2x8", "output.dir=/ckpt/x"])

@@ -5,7 +5,9 @@
 - ``launcher.load`` at 2 ranks reads the 4-rank checkpoint and compares it with the random init; the 2-rank
   tied-embedding bf16 save loads at 1 rank; a wrong seed makes ``python -m launcher.load`` exit non-zero;
 - ``AutoModelForCausalLM.from_pretrained`` gives exactly the saved weights;
-- one run directory for all ranks, with ``.hydra/`` and the log file from rank 0 only.
+- one run directory for all ranks, with ``.hydra/`` and the log file from rank 0 only;
+- an error the user can fix (existing output, missing source, world mismatch) is one line and exit status 1,
+  the traceback only with ``HYDRA_FULL_ERROR=1``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from safetensors.torch import load_file
 
 from launcher.models import param_specs
 from launcher.sources import random_local
-from tests.launcher_utils import files_of, python_cmd, run, torchrun_cmd
+from tests.launcher_utils import ROOT, files_of, python_cmd, run, torchrun_cmd
 
 SEED = 7
 TINY = ["+model=tiny", f"seed={SEED}", "output.max_shard_size=100KB"]
@@ -149,3 +151,59 @@ def test_in_process_errors_name_the_fix(four_ranks, work):
     with pytest.raises(WorldError, match="world.nproc_per_node=1"):
         save.run(too_big)
     assert not (work / "never").exists()
+
+
+def app_lines(text: str, app: str) -> list[str]:
+    """The error lines the app itself printed (torchrun's agent adds its own ChildFailedError report)."""
+    return [line for line in text.splitlines() if f"{app}: " in line and "Error: " in line]
+
+
+FIXABLE = [  # (launcher, app, overrides, error, words of the message): {ckpt} is a saved checkpoint
+    ("torchrun", "launcher.save", ["+model=tiny", "output.dir={ckpt}"], "CheckpointExistsError",
+     ["already holds a checkpoint", "output.overwrite=replace"]),
+    ("python", "launcher.load", ["+model=tiny", "source.path={ckpt}-missing"], "ConfigError",
+     ["source.path=", "-missing does not exist", "pass source.path=DIR"]),
+    ("python", "launcher.save", ["+model=tiny", "source=dcp", "source.path={ckpt}-missing", "output.dir={ckpt}-x"],
+     "ConfigError", ["source.path=", "pass source.path=DIR of a torch.distributed.checkpoint"]),
+    ("python", "launcher.save", ["+model=tiny", "world=1x8", "output.dir={ckpt}-x"], "WorldError",
+     ["world.nproc_per_node=8", "Fix: pass world.nnodes=1 world.nproc_per_node=1"]),
+    ("python", "launcher.save", ["+model=tiny", "model.num_attention_heads=3", "output.dir={ckpt}-x"],
+     "ModelConfigError", ["model.hidden_size=64 is not a multiple of model.num_attention_heads=3"]),
+]
+
+
+@pytest.mark.parametrize("launcher,app,overrides,error,words", FIXABLE, ids=[f[3] + "-" + f[0] for f in FIXABLE])
+def test_fixable_errors_are_one_line_and_exit_1(one_rank, work, launcher, app, overrides, error, words):
+    args = [o.format(ckpt=one_rank) for o in overrides]
+    cmd = torchrun_cmd(app, 1, *args) if launcher == "torchrun" else python_cmd(app, *args)
+    run_dir = work / f"run-{error}-{launcher}"
+    out = run(cmd, cwd=work, check=False, HYDRA_FULL_ERROR="0", LAUNCHER_RUN_DIR=str(run_dir))
+    assert out.returncode == 1, out.stderr
+    lines = app_lines(out.stderr, app)
+    assert len(lines) == 1, out.stderr
+    prefix = "[rank0] " if launcher == "torchrun" else ""
+    assert lines[0].startswith(f"{prefix}{app}: {error}: ") and all(w in lines[0] for w in words), lines[0]
+    if launcher == "torchrun":  # the agent's own report of the failed rank is the only traceback
+        assert out.stderr.count("Traceback") == 1 and "ChildFailedError" in out.stderr
+        agent = out.stderr.split("Traceback")[1]
+        assert str(ROOT / "launcher") not in agent and str(ROOT / "hf_storage") not in agent
+    else:
+        assert "Traceback" not in out.stdout + out.stderr
+    assert error in (run_dir / f"{app.split('.')[1]}.log").read_text()  # rank 0's log file has it too
+    assert not (one_rank.parent / f"{one_rank.name}-x").exists()
+
+
+def test_a_wrong_type_is_hydras_short_report_naming_the_key(work):
+    """Checked by the schema while Hydra composes, before the app runs: Hydra's message, no traceback."""
+    out = run(python_cmd("launcher.save", "+model=tiny", "seed=abc", f"output.dir={work / 'never'}"), cwd=work,
+              check=False, HYDRA_FULL_ERROR="0", LAUNCHER_RUN_DIR=str(work / "run-bad-type"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "seed=abc" in out.stderr and "could not be converted to Integer" in out.stderr
+
+
+def test_hydra_full_error_shows_the_traceback(one_rank, work):
+    out = run(python_cmd("launcher.save", "+model=tiny", f"output.dir={one_rank}"), cwd=work, check=False,
+              HYDRA_FULL_ERROR="1", LAUNCHER_RUN_DIR=str(work / "run-full-error"))
+    assert out.returncode == 1
+    assert "Traceback (most recent call last)" in out.stderr and "hf_storage.errors.CheckpointExistsError" in out.stderr
+    assert not app_lines(out.stderr, "launcher.save")

@@ -120,4 +120,4 @@ def test_plain_tensors_in_one_process(saved, tmp_path):
 
 def test_matrix_size():
     cases = len(list(matrix.case_names()))
-    assert cases == len(hf_storage.dtypes.SUPPORTED_DTYPES) * len(matrix.SHAPES) >= 100
+    assert cases == len(hf_storage.dtypes.SUPPORTED_DTYPES) * len(matrix.SHAPES) - len(hf_storage.dtypes.PACKED) >= 100

@@ -68,6 +68,7 @@ def test_random_init_statistics():
 
 N_HEADS, N_KV, HEAD_DIM = 4, 1, 16
 TINY = ["+model=tiny", f"model.num_key_value_heads={N_KV}"]
+NAME_SETS = pytest.mark.parametrize("names", [titan.CURRENT, titan.LEGACY], ids=["current", "legacy"])
 
 
 def tiny_model(**changes):
@@ -79,21 +80,56 @@ def tiny_model(**changes):
     return OmegaConf.create(base | changes)
 
 
-def titan_state(seed: int = 0) -> dict[str, torch.Tensor]:
+def titan_state(seed: int = 0, names: titan.TitanNames = titan.CURRENT) -> dict[str, torch.Tensor]:
+    """A torchtitan Llama state dict under ``names``; the same values under either set for one seed."""
     g = torch.Generator().manual_seed(seed)
     specs = param_specs(tiny_model())
-    return {titan.titan_name(s.name): torch.randn(s.shape, generator=g) * (0.2 if s.init == "normal" else 0.05)
+    return {titan.titan_name(s.name, names): torch.randn(s.shape, generator=g) * (0.2 if s.init == "normal" else 0.05)
             + (1.0 if s.init == "norm" else 0.0) for s in specs}
 
 
-def test_names_map_both_ways_for_every_parameter():
+@NAME_SETS
+def test_names_map_both_ways_for_every_parameter(names):
     for s in param_specs(tiny_model()):
-        assert titan.hf_name(titan.titan_name(s.name)) == s.name
-    assert titan.titan_name("model.layers.3.self_attn.q_proj.weight") == "layers.3.attention.wq.weight"
+        assert titan.hf_name(titan.titan_name(s.name, names)) == s.name
     assert titan.hf_name("layers.0.feed_forward.w2.weight") == "model.layers.0.mlp.down_proj.weight"
-    assert titan.hf_name("output.weight") == "lm_head.weight"
     with pytest.raises(titan.UnknownKeyError, match="layers.0.attention.wx.weight"):
         titan.hf_name("layers.0.attention.wx.weight")
+
+
+def test_the_two_torchtitan_name_sets():
+    """torchtitan main (Llama3StateDictAdapter since pytorch/torchtitan#2878, #2937) and v0.2.2 and before."""
+    q, k, head = "model.layers.3.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight", "lm_head.weight"
+    assert titan.titan_name(q) == "layers.3.attention.qkv_linear.wq.weight"  # CURRENT is the default
+    assert titan.titan_name(k, titan.CURRENT) == "layers.0.attention.qkv_linear.wk.weight"
+    assert titan.titan_name(head, titan.CURRENT) == "lm_head.weight"
+    assert titan.titan_name(q, titan.LEGACY) == "layers.3.attention.wq.weight"
+    assert titan.titan_name(head, titan.LEGACY) == "output.weight"
+    for name in ("layers.3.attention.qkv_linear.wq.weight", "layers.3.attention.wq.weight"):
+        assert titan.hf_name(name) == q
+    assert titan.hf_name("output.weight") == titan.hf_name("lm_head.weight") == head
+    assert titan.titan_name("model.layers.1.self_attn.o_proj.weight", titan.CURRENT) == "layers.1.attention.wo.weight"
+
+
+@NAME_SETS
+def test_detect_reads_the_set_from_the_keys(names):
+    keys = list(titan_state(names=names)) + ["lr_scheduler.last_epoch", "optimizer.state.layers.0.attention.wq.weight"]
+    assert titan.detect(keys) == names
+    assert titan.detect([f"model.{k}" for k in keys] + ["output.weight"], prefix="model.") == names
+    assert names.qkv in names.describe() and names.head in names.describe()
+
+
+def test_detect_reads_qkv_and_head_apart_and_refuses_what_it_cannot_map():
+    mixed = ["layers.0.attention.qkv_linear.wq.weight", "output.weight"]  # torchtitan main, 2026-04-16..27
+    assert titan.detect(mixed) == titan.TitanNames("attention.qkv_linear.", "output.weight")
+    assert titan.detect(["layers.0.attention.wk.weight"]) == titan.LEGACY  # tied or head-less: follow q/k/v
+    assert titan.detect(["tok_embeddings.weight"]) == titan.CURRENT
+    with pytest.raises(titan.UnknownKeyError, match="fused q/k/v.*#3656"):
+        titan.detect(["layers.0.attention.qkv_linear.wqkv.weight", "lm_head.weight"])
+    with pytest.raises(titan.UnknownKeyError, match="mixes torchtitan's two sets"):
+        titan.detect(["layers.0.attention.wq.weight", "layers.1.attention.qkv_linear.wq.weight"])
+    with pytest.raises(titan.UnknownKeyError, match="mixes"):
+        titan.to_hf(titan_state() | {"output.weight": torch.zeros(1)}, N_HEADS, N_KV)
 
 
 def test_rotary_permutation_moves_pairs_to_halves():
@@ -104,14 +140,24 @@ def test_rotary_permutation_moves_pairs_to_halves():
     assert torch.equal(titan.halves_to_interleaved(titan.interleaved_to_halves(w, 2), 2), w)
 
 
-def test_to_hf_and_from_hf_are_inverse():
-    sd = titan_state()
+@NAME_SETS
+def test_to_hf_and_from_hf_are_inverse(names):
+    sd = titan_state(names=names)
     hf = titan.to_hf(sd, N_HEADS, N_KV)
     assert set(hf) == {s.name for s in param_specs(tiny_model())}
-    assert not torch.equal(hf["model.layers.0.self_attn.q_proj.weight"], sd["layers.0.attention.wq.weight"])
-    assert torch.equal(hf["model.layers.0.self_attn.v_proj.weight"], sd["layers.0.attention.wv.weight"])
-    back = titan.from_hf(hf, N_HEADS, N_KV)
-    assert all(torch.equal(back[k], v) for k, v in sd.items())
+    assert not torch.equal(hf["model.layers.0.self_attn.q_proj.weight"], sd[f"layers.0.{names.qkv}wq.weight"])
+    assert torch.equal(hf["model.layers.0.self_attn.v_proj.weight"], sd[f"layers.0.{names.qkv}wv.weight"])
+    assert torch.equal(hf["lm_head.weight"], sd[names.head])
+    back = titan.from_hf(hf, N_HEADS, N_KV, names)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], v) for k, v in sd.items())
+
+
+def test_the_rotary_permutation_is_the_same_under_both_sets():
+    current, legacy = titan_state(3, titan.CURRENT), titan_state(3, titan.LEGACY)
+    a, b = titan.to_hf(current, N_HEADS, N_KV), titan.to_hf(legacy, N_HEADS, N_KV)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    renamed = titan.from_hf(a, N_HEADS, N_KV, titan.LEGACY)
+    assert renamed.keys() == legacy.keys() and all(torch.equal(renamed[k], legacy[k]) for k in legacy)
 
 
 @pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
@@ -148,7 +194,8 @@ def rms_norm(x, w, eps=1e-5):
 
 
 def titan_forward(w: dict[str, torch.Tensor], tokens: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
-    """torchtitan's Llama: complex rotary over interleaved pairs; GQA; SwiGLU; untied output."""
+    """torchtitan's Llama (either set of names): complex rotary over interleaved pairs; GQA; SwiGLU; untied output."""
+    names = titan.detect(w)
     t = tokens.shape[0]
     freqs = 1.0 / theta ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float64) / HEAD_DIM)
     rot = torch.polar(torch.ones(t, HEAD_DIM // 2, dtype=torch.float64),
@@ -163,15 +210,16 @@ def titan_forward(w: dict[str, torch.Tensor], tokens: torch.Tensor, theta: float
     for i in range(2):
         p = f"layers.{i}."
         x = rms_norm(h, w[p + "attention_norm.weight"])
-        q = rope((x @ w[p + "attention.wq.weight"].T).view(t, N_HEADS, HEAD_DIM))
-        k = rope((x @ w[p + "attention.wk.weight"].T).view(t, N_KV, HEAD_DIM)).repeat_interleave(N_HEADS // N_KV, 1)
-        v = (x @ w[p + "attention.wv.weight"].T).view(t, N_KV, HEAD_DIM).repeat_interleave(N_HEADS // N_KV, 1)
+        qkv = p + names.qkv
+        q = rope((x @ w[qkv + "wq.weight"].T).view(t, N_HEADS, HEAD_DIM))
+        k = rope((x @ w[qkv + "wk.weight"].T).view(t, N_KV, HEAD_DIM)).repeat_interleave(N_HEADS // N_KV, 1)
+        v = (x @ w[qkv + "wv.weight"].T).view(t, N_KV, HEAD_DIM).repeat_interleave(N_HEADS // N_KV, 1)
         att = torch.softmax(torch.einsum("thd,shd->hts", q, k) / math.sqrt(HEAD_DIM) + mask, dim=-1)
         h = h + torch.einsum("hts,shd->thd", att, v).reshape(t, -1) @ w[p + "attention.wo.weight"].T
         x = rms_norm(h, w[p + "ffn_norm.weight"])
         ff = F.silu(x @ w[p + "feed_forward.w1.weight"].T) * (x @ w[p + "feed_forward.w3.weight"].T)
         h = h + ff @ w[p + "feed_forward.w2.weight"].T
-    return rms_norm(h, w["norm.weight"]) @ w["output.weight"].T
+    return rms_norm(h, w["norm.weight"]) @ w[names.head].T
 
 
 def _convert_on_ranks(rank: int, world_size: int, dcp_dir: str, hf_dir: str, relaid_dir: str) -> None:
@@ -191,13 +239,15 @@ def _convert_on_ranks(rank: int, world_size: int, dcp_dir: str, hf_dir: str, rel
     save.run(relaid)
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+@pytest.fixture(scope="module", params=[titan.CURRENT, titan.LEGACY], ids=["current", "legacy"])
+def converted(request, tmp_path_factory):
+    """A torchtitan DCP checkpoint under each set of names, converted to HF at 2 ranks, then re-laid out."""
     import torch.distributed.checkpoint as dcp
 
     root = tmp_path_factory.mktemp("dcp")
-    sd = titan_state(seed=1)
-    extras = {"lr_scheduler.last_epoch": torch.tensor(100), "optimizer.state.x": torch.zeros(3)}
+    sd = titan_state(seed=1, names=request.param)
+    extras = {"lr_scheduler.last_epoch": torch.tensor(100), "optimizer.state.x": torch.zeros(3),
+              "optimizer.state.layers.0.attention.wq.weight.exp_avg": torch.zeros(2)}  # not a model key
     dcp.save(sd | extras, checkpoint_id=str(root / "titan"), no_dist=True)
     run_ranks(_convert_on_ranks, 2, str(root / "titan"), str(root / "hf"), str(root / "relaid"))
     return sd, root
