@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 NPROC  ?= 2
 DEMO_DIR ?= outputs/demo-llama
 
-.PHONY: install test test-fast test-all demo bench bench-scale lint clean
+.PHONY: install test test-fast demo bench bench-scale gpu-check lint clean
 
 install: $(VENV)/.installed
 
@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-# The default suite: unit, multi-process, end-to-end and fault tests (slow ones included).
-test: install
+# The default suite: lint and types first, then unit, multi-process, end-to-end and fault tests
+# (slow ones included).
+test: install lint
 	$(PY) -m pytest -q -rs
 
 # Quick loop while developing: everything not marked slow.
@@ -37,8 +38,16 @@ bench: install
 bench-scale: install
 	$(PY) -m bench.scale
 
+# The whole GPU check on a CUDA machine (GPU tests, NCCL, CUDA async saves and their timing); within 8 minutes.
+gpu-check: install
+	$(PY) -m bench.gpu_check
+
+# Style (ruff, no long-line exemption) and types (mypy); `make test` runs it first.
+LINT_PATHS := hf_storage launcher tests bench examples
 lint: install
-	$(BIN)/ruff check hf_storage launcher tests bench examples
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy hf_storage
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .hypothesis

@@ -2,20 +2,29 @@
 
     torchrun --nproc-per-node=2 examples/train_fsdp_cpu.py --steps 20 --save-every 5 --out /tmp/tiny-run
     torchrun --nproc-per-node=2 examples/train_fsdp_cpu.py --steps 40 --save-every 5 --out /tmp/tiny-run --resume
+    torchrun --nproc-per-node=2 examples/train_fsdp_cpu.py --steps 40 --save-every 5 --out /tmp/tiny-async \\
+        --async --keep 2
 
 The parameters are sharded row-wise across the ranks with ``fully_shard`` (FSDP2: DTensor ``Shard(0)``).
-Every ``--save-every`` steps all ranks save, each rank writing only the rows it holds:
+Checkpoints go through :class:`hf_storage.manager.CheckpointManager`: every ``--save-every`` steps (and at the
+last step) all ranks save the whole training state as one Hugging Face checkpoint, each rank writing only the
+rows it holds:
 
-    OUT/step-000005/optimizer/   AdamW state under the parameter names: ``<name>.exp_avg``, ``<name>.exp_avg_sq``
-                                 (sharded like the parameter) and ``<name>.step``, plus optimizer_state.json
-    OUT/step-000005/model/       the weights as a standard HF safetensors checkpoint, plus trainer_state.json
+    OUT/step-00000005/   the weights under their own names (a standard HF safetensors checkpoint), the AdamW
+                         state under ``optimizer.<name>.exp_avg`` / ``.exp_avg_sq`` (sharded like the
+                         parameter) and ``optimizer.<name>.step``, and trainer_state.json (step, world size,
+                         seed, the optimizer's hyper-parameters: safetensors holds tensors only)
+    OUT/latest           a link to the newest complete checkpoint; ``--keep N`` deletes all but the newest N
 
-safetensors holds tensors only, so the step counter and hyper-parameters go in the JSON files beside them.
-Each directory is published atomically by ``hf_storage.save``; the model is saved last and both JSON files
-carry the same random tag, so a step whose save was interrupted (or whose two halves come from different
-runs) is never resumed from: ``--resume`` takes the newest step whose two halves exist and agree. The data
-of step N is a pure function of (seed, N, rank), so a resumed run continues bit for bit like an
-uninterrupted one. Resuming at another world size works too (the reader reshards), with other data.
+Model and optimizer state are one save, published by one atomic rename, so they always come from the same
+step. A save that was interrupted leaves no ``step-N`` with an index, and ``--resume`` takes the newest
+complete one. The data of step N is a pure function of (seed, N, rank), so a resumed run continues bit for
+bit like an uninterrupted one. Resuming at another world size works too (the reader reshards), with other data.
+
+With ``--async`` the save only copies each rank's shards to host memory and the files are written on a
+background thread while training goes on. Per save the example prints the stall (how long the training loop
+stood still), the background seconds and the step-time slowdown while the write ran: the mean time of the
+steps that began while the save was writing over the mean time of the steps that began with no save writing.
 """
 
 from __future__ import annotations
@@ -23,8 +32,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
-import uuid
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,10 +52,12 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-import hf_storage
+from hf_storage import SaveSummary
+from hf_storage.manager import CheckpointManager, step_dir
 
 D_IN, D_OUT = 16, 5  # 5 output rows: the last layer's shards are uneven (3 + 2 rows on two ranks)
-STEP_DIR = re.compile(r"step-(\d+)")
+OPTIM = "optimizer."  # the prefix of the optimizer state's tensor names
+HANG_ENV = "TRAIN_FSDP_CPU_HANG_IN_SAVE"  # tests only: the step whose save hangs once it has written bytes
 
 
 class TinyMLP(nn.Module):
@@ -92,68 +106,51 @@ def train_step(model, optim, args, step: int, rank: int, world: int) -> float:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def optimizer_tensors(model, optim) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """The optimizer state as flat ``<param name>.<key>`` tensors, and its param groups (hyper-parameters)."""
+def train_state(model, optim) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The training state as one flat dict of (sharded) tensors: the weights under their own names, the AdamW
+    state under ``optimizer.<param name>.<key>``; and the optimizer's param groups (hyper-parameters)."""
     osd = get_optimizer_state_dict(model, optim)  # creates the state (zero moments) if no step ran yet
-    flat = {f"{name}.{key}": t for name, state in osd["state"].items() for key, t in state.items()}
-    return flat, osd["param_groups"]
+    flat = {f"{OPTIM}{name}.{key}": t for name, state in osd["state"].items() for key, t in state.items()}
+    return {**get_model_state_dict(model), **flat}, osd["param_groups"]
 
 
-def _json(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
-
-
-def save_checkpoint(model, optim, out: Path, step: int, args, world: int) -> Path:
-    box = [uuid.uuid4().hex]
-    dist.broadcast_object_list(box, src=0)  # one tag for the two halves of this save
-    tag, d = box[0], out / f"step-{step:06d}"
-    tensors, groups = optimizer_tensors(model, optim)
-    hyper = [{k: v for k, v in g.items() if k != "params"} for g in groups]
-    hf_storage.save(tensors, d / "optimizer",
-                    extra_files={"optimizer_state.json": _json({"tag": tag, "step": step, "param_groups": hyper})})
-    state = {"tag": tag, "step": step, "world_size": world, "seed": args.seed, "lr": args.lr}
-    hf_storage.save(get_model_state_dict(model), d / "model", extra_files={"trainer_state.json": _json(state)})
-    return d
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def complete_step(d: Path) -> int | None:
-    """The step saved in ``d`` if both halves were published by the same save, else None."""
-    model = _read_json(d / "model" / "trainer_state.json")
-    optim = _read_json(d / "optimizer" / "optimizer_state.json")
-    if model is None or optim is None or model.get("tag") != optim.get("tag"):
-        return None
-    return int(model["step"])
-
-
-def latest_checkpoint(out: Path) -> tuple[Path, int] | None:
-    dirs = [p for p in out.glob("step-*") if STEP_DIR.fullmatch(p.name)] if out.is_dir() else []
-    for d in sorted(dirs, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)), reverse=True):
-        step = complete_step(d)
-        if step is not None:
-            return d, step
-        print(f"skipping {d}: its save did not complete")
-    return None
-
-
-def load_checkpoint(model, optim, d: Path) -> None:
-    """Fill the sharded parameters and optimizer state in place; each rank reads only its own rows."""
-    tensors, groups = optimizer_tensors(model, optim)  # first: creating the state runs a zero-lr step
-    msd = get_model_state_dict(model)
-    hf_storage.load(msd, d / "model")
-    set_model_state_dict(model, msd)
-    hf_storage.load(tensors, d / "optimizer")
+def set_train_state(model, optim, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    """Put loaded tensors back into the model and the optimizer."""
+    set_model_state_dict(model, {k: t for k, t in tensors.items() if not k.startswith(OPTIM)})
     state: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        name, _, field = key.rpartition(".")
-        state.setdefault(name, {})[field] = t
+        if key.startswith(OPTIM):
+            name, _, field_name = key.removeprefix(OPTIM).rpartition(".")
+            state.setdefault(name, {})[field_name] = t
     set_optimizer_state_dict(model, optim, {"state": state, "param_groups": groups})
+
+
+def trainer_json(step: int, args, world: int, groups: list[dict]) -> str:
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+    state = {"step": step, "world_size": world, "seed": args.seed, "lr": args.lr, "param_groups": hyper}
+    return json.dumps(state, indent=2, sort_keys=True, default=str) + "\n"
+
+
+def resume(manager: CheckpointManager, model, optim, args, rank: int) -> int:
+    """Load the newest complete checkpoint (chosen by rank 0 for all) and return its step; 0 if none."""
+    built: dict = {}
+
+    def targets() -> dict[str, torch.Tensor]:  # only when there is a checkpoint: creating the state steps AdamW
+        built["tensors"], built["groups"] = train_state(model, optim)
+        return built["tensors"]
+
+    step = manager.load_latest(targets)
+    if step is None:
+        if rank == 0:
+            print(f"no complete checkpoint in {args.out}: starting from step 0")
+        return 0
+    set_train_state(model, optim, built["tensors"], built["groups"])
+    digest = params_digest(model) if args.digest else None
+    if rank == 0:
+        print(
+            f"resumed from step {step} ({args.out / step_dir(step)})" + (f" params_sha256={digest}" if digest else "")
+        )
+    return step
 
 
 def params_digest(model) -> str:
@@ -166,42 +163,124 @@ def params_digest(model) -> str:
     return h.hexdigest()
 
 
+def hang_hook(rank: int, saving: list[int]) -> Callable[[int], None] | None:
+    """Tests only: with ``TRAIN_FSDP_CPU_HANG_IN_SAVE=N`` the save of step N stops, on every rank, once its
+    first bytes are written (a save progress callback), so that a test can kill the job in the middle of it."""
+    hang = int(os.environ.get(HANG_ENV, "0"))
+    if not hang:
+        return None
+
+    def progress(nbytes: int) -> None:
+        if saving[0] == hang:
+            if rank == 0:
+                print(f"writing step {hang}: hanging ({HANG_ENV})", flush=True)
+            time.sleep(300)
+
+    return progress
+
+
+# ------------------------------------------------------------------------------------------- save report
+
+
+@dataclass
+class Pending:
+    step: int
+    result: Future | SaveSummary
+    stall: float
+    during: list[float] = field(default_factory=list)  # times of the steps that began while it was writing
+
+
+class SaveReport:
+    """Prints per save: its stall, its background seconds and the step-time slowdown while it was writing."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.idle: list[float] = []  # the times of the steps that began with no save writing
+        self.pending: Pending | None = None
+
+    def started(self, step: int, result: Future | SaveSummary, stall: float) -> None:
+        self.finish()  # the manager settled the previous save before starting this one
+        self.pending = Pending(step, result, stall)
+        if not isinstance(result, Future):
+            self.finish()
+
+    def step(self, seconds: float, writing: bool) -> None:
+        (self.pending.during if writing and self.pending else self.idle).append(seconds)
+        p = self.pending
+        if p is not None and isinstance(p.result, Future) and p.result.done() and p.result.exception() is None:
+            self.finish()  # a failed save is raised by the manager, on every rank at once
+
+    def finish(self) -> None:
+        p, self.pending = self.pending, None
+        if p is None or self.rank != 0:
+            return
+        if not isinstance(p.result, Future):
+            print(f"saved {step_dir(p.step)}: stall {p.stall:.3f} s (synchronous save)", flush=True)
+            return
+        line = f"saved {step_dir(p.step)}: stall {p.stall:.3f} s, background {p.result.result().seconds:.3f} s, "
+        if p.during and self.idle:
+            busy, idle = sum(p.during) / len(p.during), sum(self.idle) / len(self.idle)
+            line += (
+                f"steps while writing {busy * 1e3:.2f} ms vs {idle * 1e3:.2f} ms idle: "
+                f"x{busy / idle:.2f} ({len(p.during)} steps)"
+            )
+        else:
+            line += "no step began while it was writing"
+        print(line, flush=True)
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="directory of the step-NNNNNN checkpoints")
+    p.add_argument("--out", type=Path, required=True, help="directory of the step-NNNNNNNN checkpoints")
     p.add_argument("--steps", type=int, default=20, help="train until this step (counted from 1)")
     p.add_argument("--save-every", type=int, default=5, help="save after every K-th step (and the last)")
+    p.add_argument("--keep", type=int, default=None, help="keep the newest N complete checkpoints (default: all)")
+    p.add_argument("--async", dest="async_mode", action="store_true", help="write checkpoints behind training")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--digest", action="store_true",
-                   help="print a sha256 of the full parameters after resuming (gathers them: tiny models only)")
+    p.add_argument(
+        "--digest",
+        action="store_true",
+        help="print a sha256 of the full parameters after resuming (gathers them: tiny models only)",
+    )
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.steps < 1 or args.save_every < 1:
-        p.error(f"--steps ({args.steps}) and --save-every ({args.save_every}) must be at least 1")
+    if args.steps < 1 or args.save_every < 1 or (args.keep is not None and args.keep < 1):
+        p.error(f"--steps ({args.steps}), --save-every ({args.save_every}) and --keep ({args.keep}) must be >= 1")
     return args
 
 
-def resume(model, optim, args, rank: int) -> int:
-    """Load the newest complete checkpoint (chosen by rank 0 for all) and return its step; 0 if none."""
-    box = [latest_checkpoint(args.out) if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is None:
+def train(manager: CheckpointManager, model, optim, args, start: int, saving: list[int]) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    report = SaveReport(rank)
+    for step in range(start + 1, args.steps + 1):
+        writing, began = manager.in_flight, time.perf_counter()
+        loss = train_step(model, optim, args, step, rank, world)
+        seconds = time.perf_counter() - began
         if rank == 0:
-            print(f"no complete checkpoint in {args.out}: starting from step 0")
-        return 0
-    d, step = box[0]
-    load_checkpoint(model, optim, d)
-    digest = params_digest(model) if args.digest else None
-    if rank == 0:
-        print(f"resumed from step {step} ({d})" + (f" params_sha256={digest}" if digest else ""))
-    return step
+            print(f"step {step} loss={loss!r}")
+        if step > start + 1:  # the first step warms up: not a fair baseline
+            report.step(seconds, writing)
+        if step % args.save_every != 0 and step != args.steps:
+            manager.poll()  # housekeeping of a save that finished, without waiting
+            continue
+        saving[0] = step
+        if rank == 0:
+            print(f"saving step {step}", flush=True)
+        tensors, groups = train_state(model, optim)
+        began = time.perf_counter()
+        result = manager.maybe_save(
+            step, tensors, {"trainer_state.json": trainer_json(step, args, world, groups)}, force=step == args.steps
+        )
+        report.started(step, result, time.perf_counter() - began)
+    manager.wait()
+    report.finish()
 
 
 def main(argv=None) -> None:
@@ -210,15 +289,16 @@ def main(argv=None) -> None:
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         model, optim = build(args, world)
-        start = resume(model, optim, args, rank) if args.resume else 0
-        for step in range(start + 1, args.steps + 1):
-            loss = train_step(model, optim, args, step, rank, world)
-            if rank == 0:
-                print(f"step {step} loss={loss!r}")
-            if step % args.save_every == 0 or step == args.steps:
-                d = save_checkpoint(model, optim, args.out, step, args, world)
-                if rank == 0:
-                    print(f"saved {d}")
+        saving = [0]  # the step being saved, for the test hook
+        manager = CheckpointManager(
+            args.out,
+            every=args.save_every,
+            keep=args.keep,
+            async_mode=args.async_mode,
+            progress=hang_hook(rank, saving),
+        )
+        start = resume(manager, model, optim, args, rank) if args.resume else 0
+        train(manager, model, optim, args, start, saving)
     finally:
         dist.destroy_process_group()
 

@@ -16,7 +16,8 @@ or, with DCP::
     dcp.load(state_dict, storage_reader=hf_storage.HuggingFaceStorageReader("/ckpt/step-1000"))
 """
 
-from .api import LoadSummary, SaveSummary, load, save
+from .api import LoadSummary, SaveSummary, async_save, load, save
+from .background import SaveInProgressError
 from .box import Box
 from .dcp import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from .errors import (
@@ -30,11 +31,15 @@ from .errors import (
     UnsupportedEntryError,
 )
 from .layout import Layout, TensorSpec, parse_size, plan
+from .manager import CheckpointManager
 from .reader import open_checkpoint
 
 __all__ = [
     "save",
+    "async_save",
     "load",
+    "SaveInProgressError",
+    "CheckpointManager",
     "SaveSummary",
     "LoadSummary",
     "HuggingFaceStorageWriter",

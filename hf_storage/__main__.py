@@ -21,7 +21,9 @@ EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hf_storage", description="Check or list a Hugging Face safetensors checkpoint.")
+    p = argparse.ArgumentParser(
+        prog="python -m hf_storage", description="Check or list a Hugging Face safetensors checkpoint."
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="{verify,inspect}")
     v = sub.add_parser("verify", help="check structure, spec conformance and checksums; exit 1 on any problem")
     v.add_argument("dir", help="checkpoint directory")
@@ -81,13 +83,16 @@ def _as_table(rows: list[Row]) -> str:
     cells = [("file", "tensor", "dtype", "shape", "bytes")]
     cells += [(r.file, r.tensor, r.dtype, "[" + ", ".join(map(str, r.shape)) + "]", str(r.nbytes)) for r in rows]
     widths = [max(len(c[k]) for c in cells) for k in range(5)]
-    lines = ["  ".join(c[k].rjust(widths[k]) if k == 4 else c[k].ljust(widths[k]) for k in range(5)).rstrip()
-             for c in cells]
+    lines = [
+        "  ".join(c[k].rjust(widths[k]) if k == 4 else c[k].ljust(widths[k]) for k in range(5)).rstrip() for c in cells
+    ]
     t = _totals(rows)
     lines.append("")
     lines += [f"{f['file']}: {f['tensors']} tensors, {human_size(f['bytes'])}" for f in t["files"]]
-    lines.append(f"total: {t['total_tensors']} tensors in {len(t['files'])} files, {human_size(t['total_bytes'])} "
-                 f"({t['total_bytes']} bytes)")
+    lines.append(
+        f"total: {t['total_tensors']} tensors in {len(t['files'])} files, {human_size(t['total_bytes'])} "
+        f"({t['total_bytes']} bytes)"
+    )
     return "\n".join(lines)
 
 

@@ -10,26 +10,16 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
-from . import engine, pipeline, shards
+from . import background, engine, pipeline, shards
 from .box import Box
-from .pipeline import DEFAULT_THREADS
+from .pipeline import DEFAULT_THREADS, SaveSummary
 from .reader import Checkpoint, StoredChunk, check_targets, open_checkpoint, read_requests
-
-
-@dataclass(frozen=True)
-class SaveSummary:
-    path: str
-    files: int
-    tensors: int
-    total_bytes: int  # bytes of tensor data in the checkpoint
-    local_bytes: int  # bytes of this rank's shards
-    seconds: float
-    assembled_bytes: int = 0  # of those, bytes assembled into whole rows on the node (column shards)
 
 
 @dataclass(frozen=True)
@@ -40,22 +30,7 @@ class LoadSummary:
     seconds: float
 
 
-def save(
-    state_dict: Mapping,
-    path: str | os.PathLike,
-    *,
-    max_shard_size: int | str | None = None,
-    fqn_to_index_mapping: Mapping[str, int] | None = None,
-    thread_count: int = DEFAULT_THREADS,
-    durable: bool = False,
-    overwrite: bool = True,
-    extra_files: Mapping[str, bytes | str] | None = None,
-    checksums: bool = True,
-    process_group=None,
-    budget: int = engine.DEFAULT_BUDGET,
-    progress: Callable[[int], None] | None = None,
-    lock_wait: float = 0.0,
-) -> SaveSummary:
+def save(state_dict: Mapping, path: str | os.PathLike, *, process_group=None, **options) -> SaveSummary:
     """Save a (sharded) state dict as a Hugging Face checkpoint at ``path``. Call on every rank.
 
     Plain tensors are written by rank 0; each DTensor shard by the rank that holds it (replicas once).
@@ -64,6 +39,10 @@ def save(
     Args:
         state_dict: tensors and DTensors, nested mappings allowed (keys are joined with dots).
         path: the checkpoint directory. A symbolic link is followed: the directory it names is replaced.
+        process_group: the group whose ranks save together (default: the default group). Do not pass a
+            group another thread is using at the same time.
+
+    Keyword options (:class:`hf_storage.pipeline.Options`; an unknown one is a ``TypeError`` naming it):
         max_shard_size: start a new file past this size (``"5GB"``, ``"500MiB"``, bytes); None: one file.
         fqn_to_index_mapping: ``{fqn: file number from 1}``, to choose the files yourself.
         thread_count: I/O threads per rank.
@@ -71,8 +50,6 @@ def save(
         overwrite: replace an existing checkpoint at ``path`` atomically; if False, refuse.
         extra_files: ``{name: bytes | str}`` written beside the weights (``config.json``).
         checksums: record each tensor's CRC-32 in the index.
-        process_group: the group whose ranks save together (default: the default group). Do not pass a
-            group another thread is using at the same time.
         budget: bytes of host buffer for CUDA / non-contiguous data, and of row assembly's slots.
         progress: called on the saving thread with counts of this rank's bytes as their writes complete.
         lock_wait: seconds to wait for another save of the same target before failing.
@@ -91,12 +68,49 @@ def save(
 
         hf_storage.save(model.state_dict(), "/ckpt/step-1000", max_shard_size="5GB")
     """
-    opts = pipeline.Options(max_shard_size, fqn_to_index_mapping, thread_count, durable, overwrite, extra_files,
-                            checksums, budget, progress, lock_wait)
-    done = pipeline.save(state_dict, path, opts, process_group)
-    layout = done.layout
-    return SaveSummary(os.fspath(path), len(layout.files), len(layout.tensors), layout.total_size, done.local_bytes,
-                       done.seconds, done.assembled_bytes)
+    opts = pipeline.options(**options)
+    return pipeline.summary(path, pipeline.save(state_dict, path, opts, process_group))
+
+
+def async_save(
+    state_dict: Mapping,
+    path: str | os.PathLike,
+    *,
+    if_busy: str = "wait",
+    mode: str = "thread",
+    process_group=None,
+    **kwargs,
+) -> Future[SaveSummary]:
+    """Save like :func:`save`, but return once this rank's shards are copied to host memory; the checkpoint is
+    written on a background thread. Call on every rank.
+
+    Args:
+        state_dict, path: as for :func:`save`.
+        if_busy: this process's previous async save still writing: ``"wait"`` for it (counted as stall) or
+            ``"raise"`` :class:`SaveInProgressError`.
+        mode: where the background part runs: ``"thread"`` (default) or ``"process"``, a writer process of
+            this rank started at the first such save (its own gloo group; host copies in shared memory;
+            ``progress`` is not called).
+        process_group: the group whose ranks save together; the foreground uses it for one all-gather, the
+            background uses a gloo group of the same ranks created once for it (never this one).
+        **kwargs: every other keyword argument of :func:`save`.
+
+    Returns:
+        A future of the :class:`SaveSummary` (``stall_seconds``: how long this call stood still;
+        ``seconds``: the background part). ``result()`` raises what :func:`save` would, on every rank; an
+        error nobody asked for is raised by the next ``async_save``.
+
+    Raises:
+        What :func:`save` raises for invalid input, at once (before anything is copied).
+
+    Example::
+
+        pending = hf_storage.async_save(model.state_dict(), f"/ckpt/step-{step}")
+        ...  # train on; the host copies are reused by the next save
+        pending.result()
+    """
+    opts = pipeline.options(**kwargs)
+    return background.async_save(state_dict, path, opts, process_group, if_busy, mode)
 
 
 def load(
@@ -134,8 +148,9 @@ def load(
     start = time.perf_counter()
     tensors = pipeline.tensors_of(state_dict)
     ckpt = open_checkpoint(path)
-    check_targets(ckpt, {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}, strict=strict,
-                  allow_cast=allow_cast)
+    check_targets(
+        ckpt, {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}, strict=strict, allow_cast=allow_cast
+    )
     n = read_requests(ckpt.directory, _requests(ckpt, tensors), thread_count=thread_count, budget=budget)
     return LoadSummary(os.fspath(path), sum(1 for k in tensors if k in ckpt.tensors), n, time.perf_counter() - start)
 

@@ -108,7 +108,7 @@ def _np_table(factor: int) -> np.ndarray:
     for i in range(4):
         for bit in range(8):
             v = _mul(factor, 1 << (8 * i + bit))
-            tab[i, 1 << bit:2 << bit] = tab[i, :1 << bit] ^ np.uint32(v)
+            tab[i, 1 << bit : 2 << bit] = tab[i, : 1 << bit] ^ np.uint32(v)
     return tab
 
 
@@ -122,7 +122,13 @@ def fold_uniform(raws: np.ndarray, step: int) -> int:
         pairs = r.reshape(-1, 2)
         tab = _np_table(factor)
         left = pairs[:, 0]
-        r = tab[0][left & 255] ^ tab[1][(left >> 8) & 255] ^ tab[2][(left >> 16) & 255] ^ tab[3][left >> 24] ^ pairs[:, 1]
+        r = (
+            tab[0][left & 255]
+            ^ tab[1][(left >> 8) & 255]
+            ^ tab[2][(left >> 16) & 255]
+            ^ tab[3][left >> 24]
+            ^ pairs[:, 1]
+        )
         factor = _mul(factor, factor)
     return int(r[0]) if len(r) else 0
 
@@ -141,10 +147,14 @@ class Accumulator:
         if not starts or run == 0:
             return
         n = len(starts)
-        if n > 64 and starts[1] - starts[0] >= run and all(
-                starts[i + 1] - starts[i] == starts[1] - starts[0] for i in range(n - 1)):
-            raws = np.fromiter((crc32(mv[i * run:(i + 1) * run], _ALL) for i in range(n)),
-                               dtype=np.uint32, count=n) ^ np.uint32(_ALL)
+        if (
+            n > 64
+            and starts[1] - starts[0] >= run
+            and all(starts[i + 1] - starts[i] == starts[1] - starts[0] for i in range(n - 1))
+        ):
+            raws = np.fromiter(
+                (crc32(mv[i * run : (i + 1) * run], _ALL) for i in range(n)), dtype=np.uint32, count=n
+            ) ^ np.uint32(_ALL)
             seg = fold_uniform(raws, starts[1] - starts[0])
             last_end = starts[-1] + run
             self.acc = seg if self.end < 0 else shift(self.acc, last_end - self.end) ^ seg
@@ -155,7 +165,8 @@ class Accumulator:
         if end < 0:
             acc, end, k = linear(mv[:run]), starts[0] + run, 1
         use_table = len(starts) - k > 64
-        last_step, tab = -1, None
+        last_step = -1
+        tab: tuple[tuple[int, ...], ...] = ()  # the shift table for last_step, built on first use
         for i in range(k, len(starts)):
             step = starts[i] + run - end
             if use_table:
@@ -164,7 +175,7 @@ class Accumulator:
                 acc = tab[0][acc & 255] ^ tab[1][(acc >> 8) & 255] ^ tab[2][(acc >> 16) & 255] ^ tab[3][acc >> 24]
             else:
                 acc = shift(acc, step)
-            acc ^= linear(mv[i * run:(i + 1) * run])
+            acc ^= linear(mv[i * run : (i + 1) * run])
             end = starts[i] + run
         self.acc, self.end = acc, end
 

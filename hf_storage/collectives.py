@@ -81,6 +81,8 @@ def timeout_of(group: Any = None) -> timedelta | None:
     """A process group's collective timeout (``group`` None: the default group), None when unknown."""
     try:
         pg = group if group is not None else dist.group.WORLD
+        if pg is None:  # no default group
+            return None
         return pg._get_backend(torch.device("cpu")).options._timeout
     except Exception:  # private API moved, or no group: torch's defaults apply
         return None

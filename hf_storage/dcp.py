@@ -15,9 +15,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import weakref
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import engine, pipeline, publish, row_assembly
+from . import engine, pipeline, publish, row_assembly, shards
 from .box import Box
 from .collectives import timeout_of
 from .errors import HFStorageError, StateDictMismatchError, UnsupportedEntryError, format_keys
@@ -61,6 +61,8 @@ class HuggingFaceStorageWriter(StorageWriter):
         path: the checkpoint directory (created; replaced atomically if it holds one and ``overwrite``).
         fqn_to_index_mapping: ``{fqn: file number from 1}``, to choose the files yourself.
         thread_count: I/O threads per rank.
+
+    Keyword options (those of :func:`hf_storage.save`; an unknown one is a ``TypeError`` naming it):
         max_shard_size: start a new file when the next tensor would push the current one past this size
             (``"5GB"``, ``"500MiB"`` or a byte count). Ignored when ``fqn_to_index_mapping`` is given.
         durable: fsync every file and the directory before the checkpoint is published.
@@ -76,7 +78,8 @@ class HuggingFaceStorageWriter(StorageWriter):
 
     Example::
 
-        dcp.save(model.state_dict(), storage_writer=HuggingFaceStorageWriter("/ckpt/step-1000", max_shard_size="5GB"))
+        writer = HuggingFaceStorageWriter("/ckpt/step-1000", max_shard_size="5GB")
+        dcp.save(model.state_dict(), storage_writer=writer)
     """
 
     def __init__(
@@ -87,33 +90,30 @@ class HuggingFaceStorageWriter(StorageWriter):
         save_distributed: bool = False,
         enable_consolidation: bool = False,
         thread_count_consolidation: int = 1,
-        *,
-        max_shard_size: int | str | None = None,
-        durable: bool = False,
-        overwrite: bool = True,
-        extra_files: Mapping[str, bytes | str] | None = None,
-        checksums: bool = True,
-        budget: int = engine.DEFAULT_BUDGET,
-        progress: Callable[[int], None] | None = None,
-        lock_wait: float = 0.0,
+        **options: Any,
     ) -> None:
         super().__init__()
-        if thread_count < 1:
-            raise ValueError(f"thread_count must be >= 1, got {thread_count}")
         self.path = Path(path)
         self.save_distributed = save_distributed
         self.enable_consolidation = enable_consolidation
         self.thread_count_consolidation = thread_count_consolidation
-        self.options = pipeline.Options(
-            max_shard_size=None if fqn_to_index_mapping is not None else max_shard_size,
-            fqn_to_index_mapping=fqn_to_index_mapping, thread_count=thread_count, durable=durable,
-            overwrite=overwrite, extra_files=dict(extra_files or {}), checksums=checksums, budget=budget,
-            progress=progress, lock_wait=lock_wait)
+        if fqn_to_index_mapping is not None:
+            options["max_shard_size"] = None
+        self.options = pipeline.options(fqn_to_index_mapping=fqn_to_index_mapping, thread_count=thread_count, **options)
         self.rank = 0
         self.layout: Layout | None = None
         self.index: dict | None = None
         self._staging: publish.Staging | None = None
         self._desk: row_assembly.Desk | None = None
+        self._cleanup = weakref.finalize(self, _abandon, self.__dict__)
+
+    def __getstate__(self) -> dict:
+        """What a background checkpoint process needs (``dcp.async_save`` in process mode): the options only."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_cleanup", "_staging", "_desk")}
+        return {**state, "_staging": None, "_desk": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
         self._cleanup = weakref.finalize(self, _abandon, self.__dict__)
 
     # -- StorageWriter protocol ------------------------------------------------------------------
@@ -125,11 +125,15 @@ class HuggingFaceStorageWriter(StorageWriter):
 
     def set_up_storage_writer(self, is_coordinator: bool, *args, **kwargs) -> None:
         self.rank = kwargs.get("rank", 0) or 0
-        if kwargs.get("use_collectives") is False and torch.distributed.is_initialized() and \
-                torch.distributed.get_world_size() > 1:
+        if (
+            kwargs.get("use_collectives") is False
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
             raise HFStorageError(
                 "dcp.save(..., use_collectives=False) makes every rank its own coordinator, and each would write "
-                f"its own {self.path} over the others'; call dcp.save with collectives (the default)")
+                f"its own {self.path} over the others'; call dcp.save with collectives (the default)"
+            )
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         if not row_assembly.node_name() or not any(True for _ in _column_items(plan)):
@@ -139,21 +143,29 @@ class HuggingFaceStorageWriter(StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         specs = specs_from_plans(plans)
-        self.layout = pipeline.plan_layout(specs.values(), max_shard_size=self.options.max_shard_size,
-                                           fqn_to_index_mapping=self.options.fqn_to_index_mapping)
+        self.layout = pipeline.plan_layout(
+            specs.values(),
+            max_shard_size=self.options.max_shard_size,
+            fqn_to_index_mapping=self.options.fqn_to_index_mapping,
+        )
         self._staging, mapped = pipeline.prepare(self.layout, self.path, self.options)
         prepared = pipeline.Prepared(str(self._staging.directory), mapped)
         nodes = _nodes(plans)
         placed = self.layout.tensors
-        return [dataclasses.replace(p, storage_data=_Assignment(
-                    prepared, {it.index.fqn: placed[it.index.fqn] for it in p.items}, nodes.get(r, {})))
-                for r, p in enumerate(plans)]
+        return [
+            dataclasses.replace(
+                p,
+                storage_data=_Assignment(
+                    prepared, {it.index.fqn: placed[it.index.fqn] for it in p.items}, nodes.get(r, {})
+                ),
+            )
+            for r, p in enumerate(plans)
+        ]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         task: _Assignment = plan.storage_data
-        chunks = [pipeline.Chunk(it.index.fqn, planner.resolve_data(it), tuple(it.tensor_data.size),
-                                 Box(tuple(it.tensor_data.chunk.offsets), tuple(it.tensor_data.chunk.sizes)))
-                  for it in plan.items]
+        refuse_inexact(plan.items, planner, "saved", lambda it: (it.index.fqn, it.tensor_data.chunk))
+        chunks = [_chunk(it, planner) for it in plan.items]
         job = pipeline.Job(task.placed, chunks)
         desk, self._desk = self._desk, None
         try:
@@ -188,6 +200,39 @@ class HuggingFaceStorageWriter(StorageWriter):
         return isinstance(checkpoint_id, (str, os.PathLike)) and "://" not in str(checkpoint_id)
 
 
+def _chunk(item, planner: SavePlanner) -> pipeline.Chunk:
+    """The chunk a DCP write item names (the coordinator refused non-tensor items already)."""
+    data, td = planner.resolve_data(item), item.tensor_data
+    if not isinstance(data, torch.Tensor) or td is None:
+        raise UnsupportedEntryError(f"{item.index.fqn!r} is not a tensor; safetensors stores tensors only")
+    return pipeline.Chunk(item.index.fqn, data, tuple(td.size), Box(tuple(td.chunk.offsets), tuple(td.chunk.sizes)))
+
+
+def refuse_inexact(items, planner, verb: str, where) -> None:
+    """DCP places each rank's DTensor shard as one block. Refuse, naming them, the DTensors whose shards are not
+    one block (``(Shard(0), _StridedShard(0, 2))`` holds rows {0, 2}), or whose block DCP placed elsewhere:
+    their bytes would land in the wrong rows."""
+    state = getattr(planner, "state_dict", None) or {}
+    bad = {}
+    for it in items:
+        fqn, chunk = where(it)
+        t = state.get(fqn)
+        if t is None or not shards.is_dtensor(t):
+            continue
+        pieces = [p.box for p in shards.of(t).pieces if not p.box.empty]
+        placed = Box(tuple(chunk.offsets), tuple(chunk.sizes)) if chunk is not None else None
+        if len(pieces) > 1 or (placed is not None and pieces != ([] if placed.empty else [placed])):
+            bad[fqn] = shards.describe(t)
+    if bad:
+        named = "; ".join(f"{k!r} ({v})" for k, v in sorted(bad.items())[:10])
+        raise UnsupportedEntryError(
+            f"torch.distributed.checkpoint places every shard as one block of rows, so these DTensors would be "
+            f"{verb} in the wrong places: {named}. Use hf_storage.save / hf_storage.load, which place each "
+            f"piece exactly, or redistribute them to Shard placements first; "
+            f"{'nothing was written' if verb == 'saved' else 'no target was filled'}."
+        )
+
+
 def _abandon(state: dict) -> None:
     """Release what a save that never reached ``finish()`` still holds: its staging and lock, its desk."""
     staging, desk = state.get("_staging"), state.get("_desk")
@@ -202,8 +247,9 @@ def _column_items(plan: SavePlan):
     """The write items row assembly could take (column shards)."""
     for it in plan.items:
         td = it.tensor_data
-        if td is not None and row_assembly.wanted(tuple(td.size), Box(tuple(td.chunk.offsets), tuple(td.chunk.sizes)),
-                                                  td.properties.dtype.itemsize):
+        if td is not None and row_assembly.wanted(
+            tuple(td.size), Box(tuple(td.chunk.offsets), tuple(td.chunk.sizes)), td.properties.dtype.itemsize
+        ):
             yield it
 
 
@@ -255,7 +301,8 @@ def specs_from_plans(plans: list[SavePlan]) -> dict[str, TensorSpec]:
         raise UnsupportedEntryError(
             f"the safetensors format stores tensors only; these state dict entries are not tensors: "
             f"{format_keys(sorted(not_tensors))}. Remove them (or save them separately, e.g. as JSON); "
-            "nothing was written.")
+            "nothing was written."
+        )
     if conflicts:
         raise HFStorageError(f"ranks disagree on the shape or dtype of {format_keys(sorted(conflicts))}")
     return {fqn: TensorSpec(fqn, dt, tuple(size)) for fqn, (dt, size) in seen.items()}
@@ -281,13 +328,18 @@ class HuggingFaceStorageReader(StorageReader):
         dcp.load(state_dict, storage_reader=HuggingFaceStorageReader("/ckpt/step-1000"))
     """
 
-    def __init__(self, path: str | os.PathLike, thread_count: int = 1, *, allow_cast: bool = False,
-                 budget: int = engine.DEFAULT_BUDGET) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        thread_count: int = 1,
+        *,
+        allow_cast: bool = False,
+        budget: int = engine.DEFAULT_BUDGET,
+    ) -> None:
         super().__init__()
         if thread_count < 1:
             raise ValueError(f"thread_count must be >= 1, got {thread_count}")
-        self.path = Path(path)
-        self.thread_count = thread_count
+        self.path, self.thread_count = Path(path), thread_count
         self.allow_cast = allow_cast
         self.budget = budget
         self.storage_data: dict[MetadataIndex, StoredChunk] = {}
@@ -313,10 +365,12 @@ class HuggingFaceStorageReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        refuse_inexact(plan.items, planner, "loaded", lambda it: (it.dest_index.fqn, None))
         bad = [it.dest_index.fqn for it in plan.items if it.type != LoadItemType.TENSOR]
         if bad:
             raise StateDictMismatchError(
-                f"safetensors checkpoints hold tensors only; cannot load {format_keys(sorted(set(bad)))}")
+                f"safetensors checkpoints hold tensors only; cannot load {format_keys(sorted(set(bad)))}"
+            )
         work, mismatched = [], set()
         for it in plan.items:
             chunk = self.storage_data[it.storage_index]
@@ -327,9 +381,14 @@ class HuggingFaceStorageReader(StorageReader):
         if mismatched:
             raise StateDictMismatchError(
                 f"dtype mismatch for {format_keys(sorted(mismatched))}; build the targets with the stored dtypes "
-                "or pass allow_cast=True")
-        read_requests(self.path, ((c, t, Box(tuple(it.storage_offsets), tuple(it.lengths))) for it, c, t in work),
-                      thread_count=self.thread_count, budget=self.budget)
+                "or pass allow_cast=True"
+            )
+        read_requests(
+            self.path,
+            ((c, t, Box(tuple(it.storage_offsets), tuple(it.lengths))) for it, c, t in work),
+            thread_count=self.thread_count,
+            budget=self.budget,
+        )
         for it, _, target in work:
             planner.commit_tensor(it, target)
         fut: Future = Future()

@@ -66,7 +66,8 @@ def check_host() -> None:
         raise HFStorageError(
             f"this host is {sys.byteorder}-endian; safetensors stores little-endian data and hf_storage writes "
             "and reads tensor bytes as they are in memory, without byte-swapping. Save and load on a "
-            "little-endian host (x86-64, aarch64), or use safetensors.torch, which byte-swaps.")
+            "little-endian host (x86-64, aarch64), or use safetensors.torch, which byte-swaps."
+        )
 
 
 def to_safetensors(dtype: torch.dtype, name: str = "") -> str:
@@ -94,9 +95,7 @@ def to_torch(name: str, tensor: str = "") -> torch.dtype:
         where = f" for tensor {tensor!r}" if tensor else ""
         if isinstance(name, str) and name in BITS:
             raise UnsupportedEntryError(f"safetensors dtype {name}{where}: {_no_torch_type()}") from None
-        raise CheckpointFormatError(
-            f"unknown safetensors dtype {name!r}{where}; known: {', '.join(BITS)}"
-        ) from None
+        raise CheckpointFormatError(f"unknown safetensors dtype {name!r}{where}; known: {', '.join(BITS)}") from None
 
 
 def unloadable(name: str, shape: tuple[int, ...]) -> str | None:
@@ -106,8 +105,10 @@ def unloadable(name: str, shape: tuple[int, ...]) -> str | None:
     pack = PACKED.get(_TO_TORCH[name], 1)
     if pack > 1 and (not shape or shape[-1] % pack):
         last = shape[-1] if shape else "none (0-dim)"
-        return (f"is stored as {name} with last dimension {last}, which {_TO_TORCH[name]} cannot hold (it packs "
-                f"{pack} values per element along the last dimension); re-save it with an even last dimension")
+        return (
+            f"is stored as {name} with last dimension {last}, which {_TO_TORCH[name]} cannot hold (it packs "
+            f"{pack} values per element along the last dimension); re-save it with an even last dimension"
+        )
     return None
 
 
@@ -119,7 +120,8 @@ def header_shape(dtype: torch.dtype, shape: tuple[int, ...], name: str = "") -> 
     if not shape:
         raise UnsupportedEntryError(
             f"tensor {name!r}: a 0-dim {dtype} holds {pack} values, which no safetensors shape can express; "
-            "reshape it to [1] before saving")
+            "reshape it to [1] before saving"
+        )
     return (*shape[:-1], shape[-1] * pack)
 
 
@@ -135,5 +137,7 @@ def itemsize(dtype: torch.dtype) -> int:
 
 
 def _no_torch_type() -> str:
-    return (f"torch {torch.__version__} has no type for it; upgrade torch to a version that has one, or load "
-            "without this key (drop it from the state dict; the other keys load)")
+    return (
+        f"torch {torch.__version__} has no type for it; upgrade torch to a version that has one, or load "
+        "without this key (drop it from the state dict; the other keys load)"
+    )

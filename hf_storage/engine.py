@@ -27,7 +27,6 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import NamedTuple
 
 import numpy as np
-
 import torch
 
 from . import settings
@@ -88,7 +87,7 @@ def as_bytes(t: torch.Tensor) -> memoryview:
     flat = t.detach().reshape(-1)
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
-    return memoryview(flat.numpy()).cast("B")
+    return flat.numpy().data.cast("B")
 
 
 def pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
@@ -266,8 +265,15 @@ def _small_direct(t: torch.Tensor, nbytes: int) -> bool:
     return nbytes < _INLINE and t.device.type == "cpu" and t.is_contiguous()
 
 
-def write_box(pool: IOPool, buf: HostBuffer, place: Place, src: torch.Tensor, box: Box,
-              crc: Accumulator | None = None, mapped: bool = False) -> int:
+def write_box(
+    pool: IOPool,
+    buf: HostBuffer,
+    place: Place,
+    src: torch.Tensor,
+    box: Box,
+    crc: Accumulator | None = None,
+    mapped: bool = False,
+) -> int:
     """Write ``src`` (the box's data, shape ``box.sizes``) into its runs. Returns bytes written.
 
     With ``crc``, the runs are also folded into that checksum accumulator while the writes proceed.
@@ -276,14 +282,8 @@ def write_box(pool: IOPool, buf: HostBuffer, place: Place, src: torch.Tensor, bo
     """
     itemsize = src.element_size()
     nbytes = src.numel() * itemsize
-    if _small_direct(src, nbytes):  # many small tensors (MoE): one inline pwrite, no run arithmetic
-        start = box.single_run(place.shape)
-        if start is not None:
-            mv = as_bytes(src)
-            pool.submit(pwrite_all, place.fd, [(mv, place.base + start * itemsize)])  # inline unless busy
-            if crc is not None:
-                crc.add_runs(mv, [start * itemsize], nbytes)
-            return nbytes
+    if _small_direct(src, nbytes) and _write_one_run(pool, place, src, box, crc):
+        return nbytes
     direct = _is_direct(src)
     first, end, starts, run = place.span(box, itemsize)
     use_map = mapped and len(starts) > 1 and run < SMALL_RUN
@@ -314,6 +314,20 @@ def write_box(pool: IOPool, buf: HostBuffer, place: Place, src: torch.Tensor, bo
     return nbytes
 
 
+def _write_one_run(pool: IOPool, place: Place, src: torch.Tensor, box: Box, crc: Accumulator | None) -> bool:
+    """Many small tensors (MoE): a box that is one run of its file goes out in one inline ``pwrite``, with no
+    run arithmetic. False (nothing written) when the box is not one run."""
+    start = box.single_run(place.shape)
+    if start is None:
+        return False
+    itemsize = src.element_size()
+    mv = as_bytes(src)
+    pool.submit(pwrite_all, place.fd, [(mv, place.base + start * itemsize)])  # inline unless busy
+    if crc is not None:
+        crc.add_runs(mv, [start * itemsize], src.numel() * itemsize)
+    return True
+
+
 def _mapped_read(place: Place, host: torch.Tensor, box: Box, first: int, end: int) -> None:
     """Fill ``host`` (contiguous, stored dtype, shape ``box.sizes``) from its box spanning ``[first, end)``."""
     item = host.element_size()
@@ -336,8 +350,15 @@ def _readahead(place: Place, box: Box, itemsize: int) -> None:
         os.posix_fadvise(place.fd, place.base + first, end - first, os.POSIX_FADV_WILLNEED)
 
 
-def read_box(pool: IOPool, buf: HostBuffer, place: Place, dst: torch.Tensor, stored_dtype: torch.dtype, box: Box,
-             mapped: bool = False) -> int:
+def read_box(
+    pool: IOPool,
+    buf: HostBuffer,
+    place: Place,
+    dst: torch.Tensor,
+    stored_dtype: torch.dtype,
+    box: Box,
+    mapped: bool = False,
+) -> int:
     """Fill ``dst`` (shape ``box.sizes``) from the box's runs, casting from ``stored_dtype`` if needed.
 
     With ``mapped``, a box of many short runs (column shard) is copied out of read-only file mappings of at

@@ -76,7 +76,8 @@ def read(fd: int, file_size: int, where: str = "") -> Header:
         raise CheckpointFormatError(f"{label}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
     if 8 + n > file_size:
         raise CheckpointFormatError(
-            f"{label}: header length {n} runs past the end of the {file_size}-byte file (truncated?)")
+            f"{label}: header length {n} runs past the end of the {file_size}-byte file (truncated?)"
+        )
     raw = os.pread(fd, n, 8)
     if len(raw) != n:
         raise CheckpointFormatError(f"{label}: short read of the header (file changed while reading?)")
@@ -145,11 +146,19 @@ def _check_entry(name: str, value, data_start: int, label: str) -> TensorEntry:
     """
     if type(value) is dict and len(value) == 3:
         dtype, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
-        if (type(dtype) is str and dtype in _BITS and type(shape) is list and len(shape) <= MAX_DIMS
-                and type(offsets) is list and len(offsets) == 2 and type(offsets[0]) is int
-                and type(offsets[1]) is int and all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)
-                and 0 <= offsets[0] <= offsets[1]
-                and (offsets[1] - offsets[0]) * 8 == math.prod(shape) * _BITS[dtype]):
+        if (
+            type(dtype) is str
+            and dtype in _BITS
+            and type(shape) is list
+            and len(shape) <= MAX_DIMS
+            and type(offsets) is list
+            and len(offsets) == 2
+            and type(offsets[0]) is int
+            and type(offsets[1]) is int
+            and all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)
+            and 0 <= offsets[0] <= offsets[1]
+            and (offsets[1] - offsets[0]) * 8 == math.prod(shape) * _BITS[dtype]
+        ):
             return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
     return _check_entry_slowly(name, value, data_start, label)
 
@@ -160,8 +169,10 @@ def _check_entry_slowly(name: str, value, data_start: int, label: str) -> Tensor
         raise CheckpointFormatError(f"{where}: entry must be an object, got {type(value).__name__}")
     if set(value) != _ENTRY_KEYS:
         missing, extra = _ENTRY_KEYS - set(value), set(value) - _ENTRY_KEYS
-        raise CheckpointFormatError(f"{where}: entry keys must be {sorted(_ENTRY_KEYS)}; "
-                                    f"missing {sorted(missing)}, unexpected {_brief(sorted(extra))}")
+        raise CheckpointFormatError(
+            f"{where}: entry keys must be {sorted(_ENTRY_KEYS)}; "
+            f"missing {sorted(missing)}, unexpected {_brief(sorted(extra))}"
+        )
     dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
     if not isinstance(dtype, str):
         raise CheckpointFormatError(f"{where}: dtype must be a string, got {_brief(dtype)}")
@@ -175,19 +186,24 @@ def _check_entry_slowly(name: str, value, data_start: int, label: str) -> Tensor
         raise CheckpointFormatError(f"{where}: data_offsets {offsets} are not 0 <= begin <= end")
     bits = math.prod(shape) * _BITS[dtype]
     if bits % 8:
-        raise CheckpointFormatError(f"{where}: shape {shape} of {dtype} holds {bits} bits, not a whole number of "
-                                    "bytes (a sub-byte dtype needs an element count that fills its last byte)")
+        raise CheckpointFormatError(
+            f"{where}: shape {shape} of {dtype} holds {bits} bits, not a whole number of "
+            "bytes (a sub-byte dtype needs an element count that fills its last byte)"
+        )
     if end - begin != bits // 8:
-        raise CheckpointFormatError(f"{where}: data_offsets span {end - begin} bytes but shape {shape} of {dtype} "
-                                    f"needs {bits // 8}")
+        raise CheckpointFormatError(
+            f"{where}: data_offsets span {end - begin} bytes but shape {shape} of {dtype} needs {bits // 8}"
+        )
     return TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
 def _check_shape(shape, where: str) -> None:
     """A list of at most MAX_DIMS integers in [0, 2**63): the count first, so that every later step is O(1)."""
     if isinstance(shape, list) and len(shape) > MAX_DIMS:
-        raise CheckpointFormatError(f"{where}: shape has {len(shape)} dimensions; at most {MAX_DIMS} are allowed "
-                                    "(torch's CUDA kernels stop at 25). The file is corrupt or forged; re-download it")
+        raise CheckpointFormatError(
+            f"{where}: shape has {len(shape)} dimensions; at most {MAX_DIMS} are allowed "
+            "(torch's CUDA kernels stop at 25). The file is corrupt or forged; re-download it"
+        )
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise CheckpointFormatError(f"{where}: shape must be a list of non-negative integers, got {_brief(shape)}")
     if any(d > _MAX_DIM for d in shape):
@@ -208,13 +224,16 @@ def _check_tiling(entries: dict[str, TensorEntry], data_start: int, file_size: i
     pos = data_start
     for e in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
         if e.begin != pos:
-            kind = ("overlaps the previous tensor" if e.begin < pos
-                    else f"leaves a hole of {e.begin - pos} bytes before it")
+            kind = (
+                "overlaps the previous tensor" if e.begin < pos else f"leaves a hole of {e.begin - pos} bytes before it"
+            )
             raise CheckpointFormatError(
-                f"{label}: tensor {_brief(e.name)} at data offset {e.begin - data_start} {kind}")
+                f"{label}: tensor {_brief(e.name)} at data offset {e.begin - data_start} {kind}"
+            )
         pos = e.end
     if pos > file_size:
         raise CheckpointFormatError(
-            f"{label}: tensor data ends at byte {pos} but the file has {file_size} bytes (truncated?)")
+            f"{label}: tensor data ends at byte {pos} but the file has {file_size} bytes (truncated?)"
+        )
     if pos < file_size:
         raise CheckpointFormatError(f"{label}: {file_size - pos} trailing bytes after the last tensor")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -27,9 +28,16 @@ SINGLE_FILE_NAME = "model.safetensors"
 RESERVED_NAME = "__metadata__"  # the header key of the file's metadata: no tensor may have this name
 
 _UNITS = {
-    "": 1, "B": 1,
-    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
 
@@ -141,8 +149,7 @@ def plan(
 
 
 def _check_unique(specs: list[TensorSpec]) -> None:
-    seen: set[str] = set()
-    dup = {s.name for s in specs if s.name in seen or seen.add(s.name)}
+    dup = {name for name, n in Counter(s.name for s in specs).items() if n > 1}
     if dup:
         raise LayoutError(f"tensor names must be unique; repeated: {format_keys(sorted(dup))}")
 
@@ -152,11 +159,13 @@ def _check_spec(s: TensorSpec) -> None:
     if s.name == RESERVED_NAME:
         raise UnsupportedEntryError(
             f"a tensor is named {RESERVED_NAME!r}, the key safetensors reserves for the header's metadata: the file "
-            "would lose either the tensor or the metadata. Rename the key before saving (and back after loading)")
+            "would lose either the tensor or the metadata. Rename the key before saving (and back after loading)"
+        )
     if len(s.shape) > header.MAX_DIMS:
         raise UnsupportedEntryError(
             f"tensor {s.name!r} has {len(s.shape)} dimensions; hf_storage reads back at most {header.MAX_DIMS} "
-            "(the bound that keeps untrusted headers cheap to check). Reshape it before saving")
+            "(the bound that keeps untrusted headers cheap to check). Reshape it before saving"
+        )
     dtypes.to_safetensors(s.dtype, s.name)
     dtypes.header_shape(s.dtype, s.shape, s.name)
 
@@ -196,8 +205,9 @@ def _build(groups: list[list[TensorSpec]], order: list[str]) -> Layout:
         group = sorted(group, key=lambda s: -s.itemsize)
         entries, pos = [], 0
         for s in group:
-            entries.append((s.name, dtypes.to_safetensors(s.dtype), dtypes.header_shape(s.dtype, s.shape), pos,
-                            pos + s.nbytes))
+            entries.append(
+                (s.name, dtypes.to_safetensors(s.dtype), dtypes.header_shape(s.dtype, s.shape), pos, pos + s.nbytes)
+            )
             pos += s.nbytes
         head = header.encode(entries)
         files.append(FileLayout(name, head, len(head) + pos, [s.name for s in group]))

@@ -21,9 +21,9 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import timedelta
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 
@@ -52,6 +52,17 @@ class Options:
     budget: int = engine.DEFAULT_BUDGET
     progress: Callable[[int], None] | None = None
     lock_wait: float = 0.0
+
+
+def options(**kwargs: Any) -> Options:
+    """:class:`Options` from keyword arguments, naming any that it does not know."""
+    unknown = sorted(set(kwargs) - {f.name for f in fields(Options)})
+    if unknown:
+        known = ", ".join(f.name for f in fields(Options))
+        raise TypeError(f"unknown save option(s) {', '.join(unknown)}; the options are: {known}")
+    if kwargs.get("thread_count", 1) < 1:
+        raise ValueError(f"thread_count must be >= 1, got {kwargs['thread_count']}")
+    return Options(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -118,7 +129,7 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def fail(failures: Mapping[int, str], me: int, local: BaseException | None = None) -> None:
+def fail(failures: Mapping[int, str], me: int, local: BaseException | None = None) -> NoReturn:
     """Raise the save's failure on this rank: its own specific error where it is one of ours, else a
     :class:`SaveError` naming every failing rank (the same message on every rank)."""
     if isinstance(local, HFStorageError) and len(failures) == 1:
@@ -155,20 +166,25 @@ def tensors_of(state_dict: Mapping) -> dict[str, torch.Tensor]:
     if bad:
         raise UnsupportedEntryError(
             f"the safetensors format stores tensors only; these state dict entries are not tensors: "
-            f"{format_keys(bad)}. Remove them (or save them separately, e.g. as JSON); nothing was written.")
+            f"{format_keys(bad)}. Remove them (or save them separately, e.g. as JSON); nothing was written."
+        )
     return flat  # type: ignore[return-value]
 
 
 def plan(state_dict: Mapping, opts: Options, rank: int) -> Job:
     """Everything a rank can know and check alone, before any collective or I/O."""
     tensors = tensors_of(state_dict)
-    layout = plan_layout([TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()],
-                         max_shard_size=opts.max_shard_size, fqn_to_index_mapping=opts.fqn_to_index_mapping)
+    layout = plan_layout(
+        [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()],
+        max_shard_size=opts.max_shard_size,
+        fqn_to_index_mapping=opts.fqn_to_index_mapping,
+    )
     problems = [p for p in (shards.check_cover(n, t) for n, t in tensors.items()) if p]
     if problems:
         raise UnsupportedEntryError(
             f"cannot save these DTensors exactly once: {'; '.join(problems[:10])}. Redistribute them to "
-            "Shard/Replicate placements (dtensor.redistribute) before saving; nothing was written.")
+            "Shard/Replicate placements (dtensor.redistribute) before saving; nothing was written."
+        )
     chunks = [c for n, t in tensors.items() for c in chunks_of(n, t, rank)]
     return Job(layout.tensors, chunks, fingerprint(layout), layout=layout)
 
@@ -265,7 +281,8 @@ class _Files:
     """The staging files this rank writes, opened once each."""
 
     def __init__(self, directory: Path, mapped: bool):
-        self.directory, self.mapped, self.fds = directory, mapped, {}
+        self.directory, self.mapped = directory, mapped
+        self.fds: dict[str, int] = {}
 
     def fd(self, name: str) -> int:
         if name not in self.fds:
@@ -313,8 +330,9 @@ def write(job: Job, prepared: Prepared, opts: Options, assembly: row_assembly.As
     return tally
 
 
-def _write_direct(pool: engine.IOPool, files: _Files, p: TensorPlacement, c: Chunk, opts: Options, tally: Tally,
-                  handed) -> None:
+def _write_direct(
+    pool: engine.IOPool, files: _Files, p: TensorPlacement, c: Chunk, opts: Options, tally: Tally, handed
+) -> None:
     """Write the chunk's rows that were not handed to row assembly (all of them, without it)."""
     place = engine.Place(files.fd(p.file), p.offset, c.shape)
     acc = checksum.Accumulator() if opts.checksums else None
@@ -322,8 +340,10 @@ def _write_direct(pool: engine.IOPool, files: _Files, p: TensorPlacement, c: Chu
     if not handed:
         n = engine.write_box(pool, buf, place, c.data, c.box, acc, files.mapped)
     else:
-        n = sum(engine.write_box(pool, buf, place, c.data.narrow(0, r0, rows), c.box.rows(r0, rows), acc, files.mapped)
-                for r0, rows in row_assembly.direct_rows(c.box.sizes[0], handed))
+        n = sum(
+            engine.write_box(pool, buf, place, c.data.narrow(0, r0, rows), c.box.rows(r0, rows), acc, files.mapped)
+            for r0, rows in row_assembly.direct_rows(c.box.sizes[0], handed)
+        )
     if n or not handed:
         tally.add(c.fqn, n, None if acc is None else acc.contribution(p.spec.nbytes))
 
@@ -363,20 +383,27 @@ def agree(reports: list[Report]) -> Tally:
     return Tally().merge(row for r in reports for row in r.written)
 
 
-_DIFFERENT_LAYOUT = ("planned a different file layout than rank 0: the state dicts disagree on tensor names, "
-                     "shapes or dtypes (plain tensors must be identical on every rank)")
+_DIFFERENT_LAYOUT = (
+    "planned a different file layout than rank 0: the state dicts disagree on tensor names, "
+    "shapes or dtypes (plain tensors must be identical on every rank)"
+)
 
 
 def finalize(staging: publish.Staging, layout: Layout, written: Tally, opts: Options) -> dict:
     """Check that every tensor's bytes were written exactly once, write the extra files and the index (the
     commit point), publish. Returns the index."""
     rows = written.rows
-    wrong = [f"{name} ({rows.get(name, (0,))[0]} of {p.spec.nbytes} bytes)"
-             for name, p in layout.tensors.items() if rows.get(name, (0,))[0] != p.spec.nbytes]
+    wrong = [
+        f"{name} ({rows.get(name, (0,))[0]} of {p.spec.nbytes} bytes)"
+        for name, p in layout.tensors.items()
+        if rows.get(name, (0,))[0] != p.spec.nbytes
+    ]
     if wrong:
         raise HFStorageError(
-            f"the ranks did not write every element exactly once; nothing was published. Tensors: {format_keys(wrong)}. "
-            "Check that the shards of each DTensor cover it without overlap.")
+            "the ranks did not write every element exactly once; nothing was published. "
+            f"Tensors: {format_keys(wrong)}. "
+            "Check that the shards of each DTensor cover it without overlap."
+        )
     if opts.durable:
         for f in layout.files:
             publish.fsync_path(staging.directory / f.name)
@@ -391,13 +418,43 @@ def finalize(staging: publish.Staging, layout: Layout, written: Tally, opts: Opt
 def _metadata(layout: Layout, rows: Mapping[str, list]) -> dict[str, object]:
     meta: dict[str, object] = {"format_version": FORMAT_VERSION}
     if all(rows[n][1] is not None for n in layout.tensors if n in rows):
-        meta["checksums"] = {"algorithm": "crc32", "tensors": {
-            n: f"{checksum.finalize(rows[n][1] if n in rows else 0, layout.tensors[n].spec.nbytes):08x}"
-            for n in layout.order}}
+        meta["checksums"] = {
+            "algorithm": "crc32",
+            "tensors": {
+                n: f"{checksum.finalize(rows[n][1] if n in rows else 0, layout.tensors[n].spec.nbytes):08x}"
+                for n in layout.order
+            },
+        }
     return meta
 
 
 # -- the verb --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SaveSummary:
+    path: str
+    files: int
+    tensors: int
+    total_bytes: int  # bytes of tensor data in the checkpoint
+    local_bytes: int  # bytes of this rank's shards
+    seconds: float  # of an async save: its background part
+    assembled_bytes: int = 0  # of those, bytes assembled into whole rows on the node (column shards)
+    stall_seconds: float = 0.0  # of an async save: how long the caller stood still (0 for save)
+
+
+def summary(path: str | os.PathLike, done: Outcome, stall: float = 0.0) -> SaveSummary:
+    layout = done.layout
+    return SaveSummary(
+        os.fspath(path),
+        len(layout.files),
+        len(layout.tensors),
+        layout.total_size,
+        done.local_bytes,
+        done.seconds,
+        done.assembled_bytes,
+        stall,
+    )
 
 
 @dataclass(frozen=True)
@@ -414,28 +471,35 @@ def save(state_dict: Mapping, path: str | os.PathLike, opts: Options, group=None
     """The whole save on this rank (see the module docstring for the phases and collectives)."""
     start = time.perf_counter()
     g = Group(group)
-    job, desk = _plan_shared(state_dict, opts, g)
-    assembly = None
+    job, desk = plan_shared(state_dict, opts, g)
+    return write_shared(g, job, desk, path, opts, start)
+
+
+def write_shared(
+    g: Group, job: Job, desk: row_assembly.Desk | None, path: str | os.PathLike, opts: Options, start: float
+) -> Outcome:
+    """Everything after planning, on group ``g``: prepare, assemble, write, agree, publish (``start``: when
+    the save began, for its timing)."""
     try:
         staging, prepared = _prepare_shared(g, job, path, opts)
-        assembly = _assemble(g.rank, job, desk, g.timeout())
-        _agree_publish(g, job, staging, _write_report(g.rank, job, prepared, opts, assembly), opts)
+        report, assembled = _write_report(g, job, desk, prepared, opts)
+        _agree_publish(g, job, staging, report, opts)
     finally:
         if desk is not None:
             desk.close()
     local = sum(c.data.numel() * c.data.element_size() for c in job.chunks)
-    return Outcome(job.layout, local,  # type: ignore[arg-type]
-                   _assembled(job, assembly), time.perf_counter() - start)
+    return Outcome(job.layout, local, assembled, time.perf_counter() - start)  # type: ignore[arg-type]
 
 
-def _plan_shared(state_dict: Mapping, opts: Options, g: Group) -> tuple[Job, row_assembly.Desk | None]:
+def plan_shared(
+    state_dict: Mapping, opts: Options, g: Group, assemble: bool = True
+) -> tuple[Job, row_assembly.Desk | None]:
     """Plan on every rank, then one all-gather: a failure or a different layout anywhere fails every rank;
-    row assembly learns who shares this rank's node."""
+    row assembly learns who shares this rank's node (unless ``assemble`` is False: another process writes)."""
     job, desk, local = None, None, None
     try:
         job = plan(state_dict, opts, g.rank)
-        job.parts = parts_for_assembly(job) if g.size > 1 and row_assembly.node_name() else []
-        desk = row_assembly.Desk(row_assembly.slot_size(opts.budget)) if job.parts else None
+        desk = _desk_for(job, opts, g) if assemble else None
         ready = Ready(g.rank, job.fingerprint, desk.seat if desk else None)
     except Exception as e:
         if not g.on:
@@ -454,9 +518,26 @@ def _plan_shared(state_dict: Mapping, opts: Options, g: Group) -> tuple[Job, row
     return job, desk
 
 
+def _desk_for(job: Job, opts: Options, g: Group) -> row_assembly.Desk | None:
+    """This rank's desk for row assembly, if it has column shards and ranks to share a node with."""
+    job.parts = parts_for_assembly(job) if g.size > 1 and row_assembly.node_name() else []
+    return row_assembly.Desk(row_assembly.slot_size(opts.budget)) if job.parts else None
+
+
+def seat_shared(g: Group, job: Job, opts: Options) -> row_assembly.Desk | None:
+    """Row assembly's seats alone, in one all-gather: for a process that writes what another one planned."""
+    desk = _desk_for(job, opts, g)
+    seats = g.all_gather(desk.seat if desk else None)
+    if desk is not None:
+        job.mates = {r: s for r, s in enumerate(seats) if s is not None and s.node == desk.seat.node}
+    return desk
+
+
 def _prepare_shared(g: Group, job: Job, path, opts: Options) -> tuple[publish.Staging | None, Prepared]:
     """Rank 0 prepares the staging directory; every rank learns where it is, or that it failed."""
-    staging, message, local = None, None, None
+    staging: publish.Staging | None = None
+    message: Prepared | Failure | None = None
+    local: Exception | None = None
     if g.rank == 0:
         try:
             staging, mapped = prepare(job.layout, path, opts)  # type: ignore[arg-type]
@@ -468,28 +549,28 @@ def _prepare_shared(g: Group, job: Job, path, opts: Options) -> tuple[publish.St
     message = g.broadcast(message)
     if isinstance(message, Failure):
         fail(message.failures, g.rank, local)
+    assert message is not None  # rank 0 always sends a Prepared or a Failure
     return staging, message
 
 
-def _assemble(rank: int, job: Job, desk: row_assembly.Desk | None, timeout: timedelta | None):
-    """This rank's part of its node's row assembly (None without column shards to assemble on the node)."""
-    if desk is None:
-        return None
-    return row_assembly.join(rank, desk, job.mates, job.parts, timeout)
-
-
-def _write_report(rank: int, job: Job, prepared: Prepared, opts: Options, assembly) -> Report | Exception:
+def _write_report(
+    g: Group, job: Job, desk: row_assembly.Desk | None, prepared: Prepared, opts: Options
+) -> tuple[Report | Exception, int]:
+    """Row assembly with this node's ranks, then the writes; a local failure becomes the report.
+    Returns it with the bytes that went through row assembly."""
     try:
+        assembly = row_assembly.join(g.rank, desk, job.mates, job.parts, g.timeout()) if desk else None
         tally = write(job, prepared, opts, assembly)
     except PeerFailure:
         raise  # a peer is gone: no collective can complete, so there is nobody to report to
     except Exception as e:
-        return e
-    return Report(rank, job.fingerprint, tally.items())
+        return e, 0
+    return Report(g.rank, job.fingerprint, tally.items()), _assembled(job, assembly)
 
 
-def _agree_publish(g: Group, job: Job, staging: publish.Staging | None, report: Report | Exception,
-                   opts: Options) -> None:
+def _agree_publish(
+    g: Group, job: Job, staging: publish.Staging | None, report: Report | Exception, opts: Options
+) -> None:
     """Rank 0 gathers the reports, publishes or aborts; every rank learns the outcome."""
     local = report if isinstance(report, Exception) else None
     if local is not None:
@@ -520,5 +601,6 @@ def _assembled(job: Job, assembly: row_assembly.Assembly | None) -> int:
     total = 0
     for c in job.chunks:
         rows = sum(hi - lo for lo, hi in assembly.bands.get(c.fqn, ()))
-        total += rows * (c.data.numel() // max(c.box.sizes[0], 1)) * c.data.element_size()
+        if rows:
+            total += rows * (c.data.numel() // c.box.sizes[0]) * c.data.element_size()
     return total

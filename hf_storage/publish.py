@@ -110,7 +110,8 @@ def lock(target: Path, wait: float = 0.0) -> Lock:
         if time.monotonic() >= deadline:
             raise CheckpointLockedError(
                 f"another save of {str(target)!r} is in progress ({_holder(target)}); wait for it to finish, "
-                "save to another directory, or pass lock_wait=<seconds> to wait for it")
+                "save to another directory, or pass lock_wait=<seconds> to wait for it"
+            )
         time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
 
@@ -187,6 +188,25 @@ def prepare(target: str | os.PathLike, overwrite: bool = True, lock_wait: float 
         _unlock(t, held)
         raise
     return Staging(directory, t, held)
+
+
+def sweep(parent: str | os.PathLike) -> list[Path]:
+    """Remove the staging directories in ``parent`` whose saves are dead (their target's lock is free); a save
+    in progress keeps its own. Returns what was removed."""
+    removed = []
+    for staging in sorted(Path(parent).glob(".*.staging-*")):
+        target = staging.parent / staging.name[1:].rsplit(".staging-", 1)[0]
+        held = _try_lock(target)
+        if held is None:
+            continue  # a live save holds it
+        try:
+            if staging.exists():
+                log.warning("removing %s left by an interrupted save", staging)
+                shutil.rmtree(staging, ignore_errors=True)
+                removed.append(staging)
+        finally:
+            _unlock(target, held)
+    return removed
 
 
 def _unlock(target: Path, held: Lock) -> None:

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
@@ -152,8 +153,10 @@ def _sharding_info(h: header.Header, name: str) -> dict[str, tuple[int, ...]]:
     except (ValueError, RecursionError, TypeError, KeyError, AttributeError) as e:
         raise CheckpointFormatError(f"{name}: malformed {_SHARDING_KEY} metadata ({e})") from None
     for k, offs in out.items():
-        if k in h.entries and (len(offs) != len(h.entries[k].shape) or
-                               not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs)):
+        if k in h.entries and (
+            len(offs) != len(h.entries[k].shape)
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs)
+        ):
             raise CheckpointFormatError(f"{name}: {_SHARDING_KEY} offsets {list(offs)} for {k!r} do not fit its shape")
     return out
 
@@ -181,8 +184,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             )
         wanted = {n: [] for n in names}
     files = {name: _read_header(_confined(directory, name), name) for name in wanted}
-    absent = [f"{fqn} (in {fname})" for fname, fqns in wanted.items() for fqn in fqns
-              if fqn not in files[fname].entries]
+    absent = [
+        f"{fqn} (in {fname})" for fname, fqns in wanted.items() for fqn in fqns if fqn not in files[fname].entries
+    ]
     if absent:
         raise CheckpointFormatError(f"the index names tensors their files do not hold: {format_keys(absent)}")
     listed = {fqn for fqns in wanted.values() for fqn in fqns} if index is not None else None
@@ -209,7 +213,8 @@ def _collect(files: dict[str, header.Header], listed: set[str] | None) -> dict[s
         dtype = dtypes.to_torch(e.dtype, e.name)
         offs = sharding.get(e.name, (0,) * len(e.shape))
         pieces.setdefault(e.name, []).append(
-            StoredChunk(fname, e.begin, dtype, dtypes.torch_shape(dtype, e.shape), offs))
+            StoredChunk(fname, e.begin, dtype, dtypes.torch_shape(dtype, e.shape), offs)
+        )
     return {name: _assemble(name, chunks) for name, chunks in pieces.items() if name not in blocked}
 
 
@@ -254,7 +259,7 @@ def _check_disjoint(name: str, chunks: list[StoredChunk]) -> None:
         return
     order = sorted(chunks, key=lambda c: c.offsets)
     for i, a in enumerate(order):
-        for b in order[i + 1:]:
+        for b in order[i + 1 :]:
             if b.offsets[0] >= a.offsets[0] + a.shape[0]:
                 break
             if all(bo < ao + as_ and ao < bo + bs for ao, as_, bo, bs in zip(a.offsets, a.shape, b.offsets, b.shape)):
@@ -263,7 +268,8 @@ def _check_disjoint(name: str, chunks: list[StoredChunk]) -> None:
 
 def to_metadata(ckpt: Checkpoint) -> Metadata:
     """DCP metadata: one chunk per stored piece; ``storage_data`` maps each chunk to its StoredChunk."""
-    sd_meta, storage = {}, {}
+    sd_meta: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
+    storage: dict[MetadataIndex, StoredChunk] = {}
     for t in ckpt.tensors.values():
         sd_meta[t.name] = TensorStorageMetadata(
             properties=TensorProperties(dtype=t.dtype),
@@ -275,8 +281,13 @@ def to_metadata(ckpt: Checkpoint) -> Metadata:
     return Metadata(state_dict_metadata=sd_meta, storage_data=storage)
 
 
-def check_targets(ckpt: Checkpoint, targets: dict[str, tuple[tuple[int, ...], torch.dtype]], *,
-                  strict: bool = True, allow_cast: bool = False) -> None:
+def check_targets(
+    ckpt: Checkpoint,
+    targets: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    *,
+    strict: bool = True,
+    allow_cast: bool = False,
+) -> None:
     """One error naming every target key that is missing, that this torch build cannot load, or whose shape /
     dtype differs. A blocked key is refused even with ``strict=False``: it is present, only not loadable here."""
     problems, fixes = [], {}
@@ -299,8 +310,10 @@ def check_targets(ckpt: Checkpoint, targets: dict[str, tuple[tuple[int, ...], to
     if problems:
         raise StateDictMismatchError(
             f"{len(problems)} target tensors do not match the checkpoint at {ckpt.directory}: "
-            + "; ".join(problems[:50]) + (f"; ... ({len(problems) - 50} more)" if len(problems) > 50 else "")
-            + f". Fix: {'; '.join(fixes.values())}.")
+            + "; ".join(problems[:50])
+            + (f"; ... ({len(problems) - 50} more)" if len(problems) > 50 else "")
+            + f". Fix: {'; '.join(fixes.values())}."
+        )
 
 
 class _FileCache:
@@ -319,8 +332,13 @@ class _FileCache:
         self.fds.clear()
 
 
-def read_requests(directory: Path, requests: Iterable[tuple[StoredChunk, torch.Tensor, Box]], *,
-                  thread_count: int = 1, budget: int = engine.DEFAULT_BUDGET) -> int:
+def read_requests(
+    directory: Path,
+    requests: Iterable[tuple[StoredChunk, torch.Tensor, Box]],
+    *,
+    thread_count: int = 1,
+    budget: int = engine.DEFAULT_BUDGET,
+) -> int:
     """Fill each target from the box (offsets and sizes inside the stored piece) of a stored piece.
     Returns bytes read."""
     files = _FileCache(directory)

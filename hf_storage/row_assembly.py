@@ -147,7 +147,9 @@ def _bands(owners: Mapping[str, list[tuple[int, Part]]], nodes: Sequence, slot: 
         if len(shape) < 2 or not same or row_bytes == 0 or row_bytes > slot:
             continue  # ranks disagreeing about the tensor are caught by the layout fingerprint
         for lo, hi in _cuts(shape[0], [p.box for _, p in parts]):
-            band = tuple((r, p.box) for r, p in parts if p.box.offsets[0] <= lo and hi <= p.box.offsets[0] + p.box.sizes[0])
+            band = tuple(
+                (r, p.box) for r, p in parts if p.box.offsets[0] <= lo and hi <= p.box.offsets[0] + p.box.sizes[0]
+            )
             if not band or len({nodes[r] for r, _ in band}) != 1:
                 continue
             if sum(math.prod(b.sizes[1:]) for _, b in band) != math.prod(shape[1:]):
@@ -155,8 +157,9 @@ def _bands(owners: Mapping[str, list[tuple[int, Part]]], nodes: Sequence, slot: 
             step = slot // row_bytes
             for x in range(lo, hi, step):
                 y = min(hi, x + step)
-                out.append(_Band(p0.file, p0.base + x * row_bytes, fqn, x, y, row_bytes,
-                                 math.prod(shape) * p0.itemsize, band))
+                out.append(
+                    _Band(p0.file, p0.base + x * row_bytes, fqn, x, y, row_bytes, math.prod(shape) * p0.itemsize, band)
+                )
     out.sort(key=lambda b: (b.file, b.offset))
     return out
 
@@ -205,8 +208,10 @@ def schedule(parts: Sequence[Sequence[Part]], nodes: Sequence[object], slot: int
             per_node[nodes[b.owners[0][0]]].append((buf, b))
         for items in per_node.values():
             _split_writes(k, items, writes)
-    return [Schedule(len(rounds), slot, tuple(copies[r]), tuple(writes[r]), {f: tuple(v) for f, v in handed[r].items()})
-            for r in range(world)]
+    return [
+        Schedule(len(rounds), slot, tuple(copies[r]), tuple(writes[r]), {f: tuple(v) for f, v in handed[r].items()})
+        for r in range(world)
+    ]
 
 
 def _extend(ranges: list[tuple[int, int]], lo: int, hi: int) -> None:
@@ -230,7 +235,8 @@ def _split_writes(k: int, items: list[tuple[int, _Band]], writes: list[list[Writ
             who = cursor // share
             take = min(n - pos, (who + 1) * share - cursor)
             writes[ranks[who]].append(
-                Write(k, b.fqn, b.file, buf + pos, b.offset + pos, b.lo * b.row_bytes + pos, take, b.tensor_nbytes))
+                Write(k, b.fqn, b.file, buf + pos, b.offset + pos, b.lo * b.row_bytes + pos, take, b.tensor_nbytes)
+            )
             pos += take
             cursor += take
 
@@ -322,8 +328,9 @@ class Desk:
         self.seat = Seat(node_name() or "", os.getpid(), self.file.fd, own_slots(slot).file.fd)
 
     def post(self, parts: Sequence[Part]) -> None:
-        data = json.dumps([[p.fqn, p.box.offsets, p.box.sizes, p.shape, p.itemsize, p.file, p.base]
-                           for p in parts]).encode()
+        data = json.dumps(
+            [[p.fqn, p.box.offsets, p.box.sizes, p.shape, p.itemsize, p.file, p.base] for p in parts]
+        ).encode()
         os.ftruncate(self.file.fd, _DESK_DATA + len(data))
         os.pwrite(self.file.fd, data, _DESK_DATA)
 
@@ -375,8 +382,10 @@ class _Meeting:
         if dead:
             raise PeerFailure(f"rank {dead[0]} died during row assembly; nothing was published")
         if waited > self.timeout:
-            raise PeerFailure(f"ranks {waiting} did not reach row assembly round in {self.timeout:.0f} s "
-                              "(stuck in I/O?); nothing was published")
+            raise PeerFailure(
+                f"ranks {waiting} did not reach row assembly round in {self.timeout:.0f} s "
+                "(stuck in I/O?); nothing was published"
+            )
 
     def close(self) -> None:
         for r, fd in self.files.items():
@@ -409,8 +418,14 @@ class Assembly:
     def bands(self) -> Mapping[str, tuple[tuple[int, int], ...]]:
         return self.schedule.bands
 
-    def run(self, chunks: Mapping[str, object], fd_of: Callable[[str], int], threads: int, checksums: bool,
-            progress: Callable[[int], None] | None = None) -> dict[str, list]:
+    def run(
+        self,
+        chunks: Mapping[str, object],
+        fd_of: Callable[[str], int],
+        threads: int,
+        checksums: bool,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, list]:
         """Copy this rank's bands in, write its shares out, round by round. Returns per tensor
         ``[bytes, CRC share or None]`` of what it wrote. On any error the rank marks itself failed first."""
         s = self.schedule
@@ -438,8 +453,9 @@ class Assembly:
         self.meeting.close()
 
 
-def join(me: int, desk: Desk, mates: Mapping[int, Seat], parts: Sequence[Part],
-         timeout: timedelta | None) -> Assembly | None:
+def join(
+    me: int, desk: Desk, mates: Mapping[int, Seat], parts: Sequence[Part], timeout: timedelta | None
+) -> Assembly | None:
     """Post this rank's parts, meet its node mates (``mates``: rank -> seat, this rank included), and plan the
     node's schedule. None when there is nothing to assemble. Marks the desk failed on any error."""
     desk.post(parts)
@@ -448,7 +464,7 @@ def join(me: int, desk: Desk, mates: Mapping[int, Seat], parts: Sequence[Part],
         meeting = _Meeting(me, desk, mates, timeout)
         meeting.meet(1)  # every mate has posted its parts and opened the others' desks (desks start at 0)
         ranks = sorted(mates)
-        node_parts = [_read_parts(meeting.files[r]) for r in ranks]
+        node_parts = [_parts_of(r, meeting.files[r]) for r in ranks]
         plan = schedule(node_parts, ["node"] * len(ranks), desk.slot)[ranks.index(me)]
         if plan.rounds == 0:
             meeting.close()
@@ -458,6 +474,16 @@ def join(me: int, desk: Desk, mates: Mapping[int, Seat], parts: Sequence[Part],
         desk_fail = meeting or _Meeting(me, desk, {me: mates[me]}, timeout)
         desk_fail.mark(_FAILED)
         raise
+
+
+def _parts_of(rank: int, fd: int) -> list[Part]:
+    try:
+        return _read_parts(fd)
+    except (OSError, ValueError, TypeError) as e:
+        raise OSError(
+            f"row assembly could not read the parts of rank {rank} on this node ({e}); "
+            "set HF_STORAGE_ROW_ASSEMBLY=0 to write column shards directly"
+        ) from e
 
 
 def _host_slots(me: int, host: int, seat: Seat, slot: int) -> Slots:
@@ -490,8 +516,9 @@ def _copy_in(slots: Slots, k: int, c: Copy, chunk) -> int:
     return src.numel() * src.element_size()
 
 
-def _write_out(pool: engine.IOPool, slots: Slots, k: int, ops: list[Write], fd_of, written: dict,
-               checksums: bool) -> None:
+def _write_out(
+    pool: engine.IOPool, slots: Slots, k: int, ops: list[Write], fd_of, written: dict, checksums: bool
+) -> None:
     """Submit this rank's shares of round ``k``; fold them into ``written`` (bytes, CRC) meanwhile."""
     base = (k % 2) * slots.slot
     for w in ops:

@@ -18,7 +18,7 @@ import functools
 import itertools
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, TypeGuard
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ class Shards(NamedTuple):
     writes: bool
 
 
-def is_dtensor(t: object) -> bool:
+def is_dtensor(t: object) -> TypeGuard[DTensor]:
     return DTensor is not None and isinstance(t, DTensor)
 
 
@@ -63,6 +63,11 @@ def of(t: torch.Tensor, rank: int = 0) -> Shards:
         return Shards(t._local_tensor, shape, pieces, writes)
     whole = Box.whole(shape)
     return Shards(t, shape, (Piece(whole, whole),), rank == 0)
+
+
+def pieces_of(shape: tuple[int, ...], mesh, placements: tuple) -> tuple[Piece, ...]:
+    """This rank's pieces of a tensor of ``shape`` laid out by ``placements`` on ``mesh`` (a DTensor to be)."""
+    return _pieces(tuple(shape), mesh, tuple(placements), None)[0]
 
 
 def view(data: torch.Tensor, local: Box) -> torch.Tensor:
@@ -97,8 +102,9 @@ def _sharding(placements: tuple, order: tuple | None, ndim: int) -> list[list[in
         if isinstance(p, Partial):
             raise UnsupportedEntryError(
                 "a DTensor with a Partial placement holds unreduced values; redistribute it to Shard or "
-                "Replicate (e.g. dtensor.redistribute(placements=[Replicate()])) before saving")
-        if isinstance(p, Shard):
+                "Replicate (e.g. dtensor.redistribute(placements=[Replicate()])) before saving"
+            )
+        if isinstance(p, (Shard, _StridedShard)):  # _StridedShard is not a Shard subclass in every torch
             by_dim[p.dim if p.dim >= 0 else p.dim + ndim].append(m)
     for tensor_dim, mesh_dims in order or ():
         by_dim[tensor_dim] = list(mesh_dims)
@@ -113,7 +119,7 @@ def _pieces(shape: tuple[int, ...], mesh, placements: tuple, order: tuple | None
     if coord is None:  # this rank is not in the mesh: it holds nothing
         return (), False
     by_dim = _sharding(placements, order, len(shape))
-    writes = all(c == 0 for c, p in zip(coord, placements) if isinstance(p, Replicate))
+    writes = all(c == 0 for c, p in zip(coord, placements) if isinstance(p, Replicate)) and _first_sibling(mesh)
     sizes = tuple(mesh.shape)
     runs = [_runs(_indices(n, tuple((placements[m], sizes[m], coord[m]) for m in ms))) for n, ms in zip(shape, by_dim)]
     out = []
@@ -125,14 +131,30 @@ def _pieces(shape: tuple[int, ...], mesh, placements: tuple, order: tuple | None
     return tuple(out), writes
 
 
-@functools.lru_cache(maxsize=4096)
-def _indices(n: int, splits: tuple) -> np.ndarray:
-    """Global indices, in local order, that the splits ``(placement, mesh size, coordinate)`` leave of ``range(n)``."""
+def _first_sibling(mesh) -> bool:
+    """False on a submesh (``mesh["dp"]`` of a 2-D mesh) other than the one at coordinate 0 of the root mesh's
+    other dimensions: the sibling submeshes hold copies of the same tensor, which is written once."""
+    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+    if root is None or root is mesh or root.mesh.numel() == mesh.mesh.numel():
+        return True
+    grid = root.mesh
+    where = [tuple(int(i) for i in (grid == r).nonzero()[0]) for r in mesh.mesh.flatten().tolist()]
+    here = where[mesh.mesh.flatten().tolist().index(mesh.get_rank())]
+    fixed = [d for d in range(grid.dim()) if len({w[d] for w in where}) == 1]
+    return all(here[d] == 0 for d in fixed)
+
+
+def _split(n: int, splits: tuple) -> np.ndarray:
+    """Global indices, in local order, that the splits ``(placement, mesh size, coordinate)`` leave of ``range(n)``:
+    torch's own ``_split_tensor`` of each placement, applied to an index vector."""
     idx = torch.arange(n, dtype=torch.int64)
     for p, size, c in splits:
         cut = _StridedShard(0, split_factor=p.split_factor) if isinstance(p, _StridedShard) else Shard(0)
         idx = cut._split_tensor(idx, size, with_padding=False, contiguous=True)[0][c]
     return idx.numpy()
+
+
+_indices = functools.lru_cache(maxsize=4096)(_split)
 
 
 def _runs(idx: np.ndarray) -> list[tuple[int, int, int]]:
@@ -165,12 +187,14 @@ def _dim_cover(n: int, splits: tuple) -> str | None:
     """Whether the index sets of every coordinate combination of ``splits`` partition ``range(n)``."""
     seen = np.zeros(n, dtype=np.int64)
     for coords in itertools.product(*(range(size) for _, size in splits)):
-        np.add.at(seen, _indices(n, tuple((p, size, c) for (p, size), c in zip(splits, coords))), 1)
+        np.add.at(seen, _split(n, tuple((p, size, c) for (p, size), c in zip(splits, coords))), 1)
     if (seen == 1).all():
         return None
     twice, never = np.flatnonzero(seen > 1), np.flatnonzero(seen == 0)
-    return (f"{len(twice)} indices held twice (first {twice[:5].tolist()}), "
-            f"{len(never)} held by no rank (first {never[:5].tolist()})")
+    return (
+        f"{len(twice)} indices held twice (first {twice[:5].tolist()}), "
+        f"{len(never)} held by no rank (first {never[:5].tolist()})"
+    )
 
 
 def total(pieces: Sequence[Piece]) -> int:

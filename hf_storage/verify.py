@@ -83,9 +83,11 @@ class Report:
         self.warnings.append(Finding(cause, file, tensor, fix))
 
     def format(self) -> str:
-        lines = [f"checkpoint {self.path}",
-                 f"  {self.files} files, {self.tensors} tensors, {human_size(self.data_bytes)} of tensor data, "
-                 f"{self.checksummed} checksums verified"]
+        lines = [
+            f"checkpoint {self.path}",
+            f"  {self.files} files, {self.tensors} tensors, {human_size(self.data_bytes)} of tensor data, "
+            f"{self.checksummed} checksums verified",
+        ]
         lines += [f"  PROBLEM  {f}" for f in self.problems]
         lines += [f"  warning  {f}" for f in self.warnings]
         verdict = "OK" if self.ok else "FAILED"
@@ -187,8 +189,10 @@ def _index(directory: Path, rep: Report) -> tuple[dict | None, dict[str, list[st
         return None, {SINGLE_FILE_NAME: []}
     names = sorted(p.name for p in directory.glob("*.safetensors"))
     if not names:
-        rep.problem(f"no {INDEX_NAME}, no {SINGLE_FILE_NAME} and no *.safetensors files; an interrupted save "
-                    "leaves no index", fix="point at a complete checkpoint directory")
+        rep.problem(
+            f"no {INDEX_NAME}, no {SINGLE_FILE_NAME} and no *.safetensors files; an interrupted save leaves no index",
+            fix="point at a complete checkpoint directory",
+        )
     return None, {n: [] for n in names}
 
 
@@ -202,8 +206,11 @@ def _check_index_metadata(index: dict, rep: Report) -> None:
 def _warn_stray_files(directory: Path, named: set[str], rep: Report) -> None:
     stray = sorted(p.name for p in directory.glob("*.safetensors") if p.name not in named)
     if stray:
-        rep.warn(f"files the index does not name (loaders ignore them): {format_keys(stray)}", INDEX_NAME,
-                 fix="delete them, or re-save if they belong to the checkpoint")
+        rep.warn(
+            f"files the index does not name (loaders ignore them): {format_keys(stray)}",
+            INDEX_NAME,
+            fix="delete them, or re-save if they belong to the checkpoint",
+        )
 
 
 def _headers(directory: Path, wanted: dict[str, list[str]], rep: Report) -> dict[str, header.Header]:
@@ -223,8 +230,11 @@ def _check_conformance(path: Path, fname: str, h: header.Header, rep: Report) ->
     """What the safetensors spec recommends and this writer guarantees; warnings, see the module docstring."""
     n = h.data_start - 8
     if n % 8:
-        rep.warn(f"header length {n} is not a multiple of 8 (tensor data is not 8-byte aligned)", fname,
-                 fix="re-save with hf_storage, which pads headers")
+        rep.warn(
+            f"header length {n} is not a multiple of 8 (tensor data is not 8-byte aligned)",
+            fname,
+            fix="re-save with hf_storage, which pads headers",
+        )
     with open(path, "rb") as f:
         f.seek(8)
         if f.read(1) != b"{":
@@ -252,13 +262,20 @@ def _itemsize(dtype_name: str) -> int:
 def _check_listed(fname: str, h: header.Header, fqns: list[str], rep: Report) -> None:
     for fqn in fqns:
         if fqn not in h.entries:
-            rep.problem("the index places this tensor here, but the file does not hold it", fname, fqn,
-                        fix=f"correct the weight_map of {INDEX_NAME} or re-save")
+            rep.problem(
+                "the index places this tensor here, but the file does not hold it",
+                fname,
+                fqn,
+                fix=f"correct the weight_map of {INDEX_NAME} or re-save",
+            )
     if fqns:
         extra = sorted(set(h.entries) - set(fqns), key=_order)
         if extra:
-            rep.warn(f"holds tensors the index does not list for it (loaders skip them): {format_keys(extra)}",
-                     fname, fix="re-save, or add them to the weight_map")
+            rep.warn(
+                f"holds tensors the index does not list for it (loaders skip them): {format_keys(extra)}",
+                fname,
+                fix="re-save, or add them to the weight_map",
+            )
 
 
 def _tensors(headers: dict[str, header.Header], listed: set[str] | None, rep: Report) -> dict[str, reader.TensorInfo]:
@@ -266,8 +283,10 @@ def _tensors(headers: dict[str, header.Header], listed: set[str] | None, rep: Re
     try:
         return reader._collect(headers, listed)
     except CheckpointFormatError as first:
-        names = sorted({e.name for h in headers.values() for e in h.entries.values()
-                        if listed is None or e.name in listed}, key=_order)
+        names = sorted(
+            {e.name for h in headers.values() for e in h.entries.values() if listed is None or e.name in listed},
+            key=_order,
+        )
         out, before = {}, len(rep.problems)
         for name in names:
             try:
@@ -279,8 +298,9 @@ def _tensors(headers: dict[str, header.Header], listed: set[str] | None, rep: Re
         return out
 
 
-def _blocked(headers: dict[str, header.Header], listed: set[str] | None,
-             rep: Report) -> dict[str, reader.BlockedTensor]:
+def _blocked(
+    headers: dict[str, header.Header], listed: set[str] | None, rep: Report
+) -> dict[str, reader.BlockedTensor]:
     """Tensors this torch build cannot load: a warning each, not a problem (a newer torch loads them)."""
     try:
         blocked = reader._blocked(headers, listed)
@@ -293,8 +313,10 @@ def _blocked(headers: dict[str, header.Header], listed: set[str] | None,
 
 def _spans(tensors: dict[str, reader.TensorInfo], blocked: dict[str, reader.BlockedTensor]) -> dict[str, list]:
     """``(file, absolute data offset, bytes)`` of each stored piece of every tensor, blocked ones included."""
-    spans = {name: [(c.file, c.begin, math.prod(c.shape) * dtypes.itemsize(c.dtype)) for c in t.chunks]
-             for name, t in tensors.items()}
+    spans = {
+        name: [(c.file, c.begin, math.prod(c.shape) * dtypes.itemsize(c.dtype)) for c in t.chunks]
+        for name, t in tensors.items()
+    }
     spans.update({name: list(b.pieces) for name, b in blocked.items()})
     return spans
 
@@ -305,8 +327,9 @@ def _check_total_size(index: dict, rep: Report) -> None:
     if total is None:
         rep.warn("index has no metadata.total_size", INDEX_NAME, fix="re-save with hf_storage")
     elif not isinstance(total, int) or isinstance(total, bool) or total != rep.data_bytes:
-        rep.problem(f"metadata.total_size is {total!r} but the tensors hold {rep.data_bytes} bytes", INDEX_NAME,
-                    fix=_FIX_INDEX)
+        rep.problem(
+            f"metadata.total_size is {total!r} but the tensors hold {rep.data_bytes} bytes", INDEX_NAME, fix=_FIX_INDEX
+        )
 
 
 def _recorded_checksums(index: dict | None, tensors: dict[str, list], rep: Report) -> dict[str, int]:
@@ -315,16 +338,23 @@ def _recorded_checksums(index: dict | None, tensors: dict[str, list], rep: Repor
         return {}
     block = index["metadata"].get("checksums")
     if block is None:
-        rep.warn("index records no checksums; data integrity not checked", INDEX_NAME,
-                 fix="save with hf_storage (checksums=True) to record them")
+        rep.warn(
+            "index records no checksums; data integrity not checked",
+            INDEX_NAME,
+            fix="save with hf_storage (checksums=True) to record them",
+        )
         return {}
     if not (isinstance(block, dict) and isinstance(block.get("tensors"), dict)):
-        rep.problem("metadata.checksums must be {'algorithm': 'crc32', 'tensors': {fqn: hex}}", INDEX_NAME,
-                    fix=_FIX_INDEX)
+        rep.problem(
+            "metadata.checksums must be {'algorithm': 'crc32', 'tensors': {fqn: hex}}", INDEX_NAME, fix=_FIX_INDEX
+        )
         return {}
     if block.get("algorithm") != "crc32":
-        rep.warn(f"unknown checksum algorithm {block.get('algorithm')!r}; data integrity not checked", INDEX_NAME,
-                 fix="verify with the tool that wrote the checkpoint")
+        rep.warn(
+            f"unknown checksum algorithm {block.get('algorithm')!r}; data integrity not checked",
+            INDEX_NAME,
+            fix="verify with the tool that wrote the checkpoint",
+        )
         return {}
     recorded = {}
     for fqn, value in block["tensors"].items():
@@ -334,16 +364,20 @@ def _recorded_checksums(index: dict | None, tensors: dict[str, list], rep: Repor
             rep.problem(f"recorded checksum {value!r} is not 8 lowercase hex digits", INDEX_NAME, fqn, fix=_FIX_INDEX)
     unknown = sorted(set(recorded) - set(tensors), key=_order)
     if unknown:
-        rep.problem(f"checksums recorded for tensors the checkpoint does not hold: {format_keys(unknown)}",
-                    INDEX_NAME, fix=_FIX_INDEX)
+        rep.problem(
+            f"checksums recorded for tensors the checkpoint does not hold: {format_keys(unknown)}",
+            INDEX_NAME,
+            fix=_FIX_INDEX,
+        )
     missing = sorted(set(tensors) - set(block["tensors"]), key=_order)
     if missing:
         rep.warn(f"no checksum recorded for {format_keys(missing)}", INDEX_NAME, fix="re-save with hf_storage")
     return {k: v for k, v in recorded.items() if k in tensors}
 
 
-def _check_checksums(directory: Path, spans: dict[str, list], recorded: dict[str, int],
-                     rep: Report, block_bytes: int) -> None:
+def _check_checksums(
+    directory: Path, spans: dict[str, list], recorded: dict[str, int], rep: Report, block_bytes: int
+) -> None:
     """Recompute each recorded CRC-32, file by file in data order, through one reused buffer."""
     buf = memoryview(bytearray(max(1, block_bytes)))
     by_file: dict[str, list[tuple[int, int, str]]] = {}
@@ -363,9 +397,13 @@ def _check_checksums(directory: Path, spans: dict[str, list], recorded: dict[str
                     if got == recorded[name]:
                         rep.checksummed += 1
                     else:
-                        rep.problem(f"CRC-32 of its bytes [{begin}, {begin + nbytes}) is {got:08x}, the index "
-                                    f"records {recorded[name]:08x}: the data is corrupted", fname, name,
-                                    fix="restore this file from a good copy or re-save the checkpoint")
+                        rep.problem(
+                            f"CRC-32 of its bytes [{begin}, {begin + nbytes}) is {got:08x}, the index "
+                            f"records {recorded[name]:08x}: the data is corrupted",
+                            fname,
+                            name,
+                            fix="restore this file from a good copy or re-save the checkpoint",
+                        )
             finally:
                 os.close(fd)
 
@@ -373,7 +411,7 @@ def _check_checksums(directory: Path, spans: dict[str, list], recorded: dict[str
 def _crc32(fd: int, begin: int, nbytes: int, buf: memoryview) -> int:
     crc, pos, end = 0, begin, begin + nbytes
     while pos < end:
-        n = os.preadv(fd, [buf[:min(len(buf), end - pos)]], pos)
+        n = os.preadv(fd, [buf[: min(len(buf), end - pos)]], pos)
         if n == 0:
             raise CheckpointFormatError(f"file ends at byte {pos}, inside tensor data (truncated while verifying?)")
         crc = checksum.crc32(buf[:n], crc)
@@ -388,9 +426,9 @@ def _cross_check(directory: Path, rep: Report) -> None:
 
 
 def human_size(n: int) -> str:
+    size: float = n
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+        if size < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
     raise AssertionError  # unreachable
-

@@ -46,6 +46,15 @@ class Overwrite(Enum):
     replace = "replace"
 
 
+class AsyncMode(Enum):
+    """``output.async_mode``: ``off`` saves in the foreground; ``thread`` / ``process`` run ``hf_storage.async_save``
+    (``async`` itself is a Python keyword, so no typed config can have a field of that name)."""
+
+    off = "off"
+    thread = "thread"
+    process = "process"
+
+
 class SourceKind(Enum):
     random = "random"
     dcp = "dcp"
@@ -127,6 +136,7 @@ class OutputConfig:
     overwrite: Overwrite = Overwrite.error
     durable: bool = False  # fsync files and directory before publishing
     thread_count: int = 4
+    async_mode: AsyncMode = AsyncMode.off  # thread | process: the save's stall and background time reported
 
 
 @dataclass

@@ -25,7 +25,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from hf_storage import shards
+from hf_storage.box import Box
 
 from .models import ParamSpec
 
@@ -50,8 +52,9 @@ def _env_int(env: Mapping[str, str], key: str) -> int | None:
     try:
         return int(env[key])
     except ValueError:
-        raise WorldError(f"environment variable {key}={env[key]!r} is not an integer; "
-                         "launch with torchrun, which sets it") from None
+        raise WorldError(
+            f"environment variable {key}={env[key]!r} is not an integer; launch with torchrun, which sets it"
+        ) from None
 
 
 def world_from_env(env: Mapping[str, str] | None = None) -> WorldInfo:
@@ -63,8 +66,14 @@ def world_from_env(env: Mapping[str, str] | None = None) -> WorldInfo:
     if not 0 <= rank < size:
         raise WorldError(f"RANK={rank} is outside WORLD_SIZE={size}")
     local = _env_int(env, "LOCAL_RANK")
-    return WorldInfo(rank, size, rank if local is None else local, _env_int(env, "LOCAL_WORLD_SIZE"),
-                     _env_int(env, "GROUP_WORLD_SIZE"), True)
+    return WorldInfo(
+        rank,
+        size,
+        rank if local is None else local,
+        _env_int(env, "LOCAL_WORLD_SIZE"),
+        _env_int(env, "GROUP_WORLD_SIZE"),
+        True,
+    )
 
 
 def check_world(world_cfg, info: WorldInfo) -> None:
@@ -86,12 +95,14 @@ def check_world(world_cfg, info: WorldInfo) -> None:
     raise WorldError(
         f"world.nnodes={nnodes} x world.nproc_per_node={nproc} = {nnodes * nproc} ranks, but {launched}. "
         f"Fix: pass world.nnodes={fix_nodes} world.nproc_per_node={fix_nproc} (or world=auto), "
-        f"or launch torchrun --nnodes={nnodes} --nproc-per-node={nproc}.")
+        f"or launch torchrun --nnodes={nnodes} --nproc-per-node={nproc}."
+    )
 
 
 @contextmanager
-def process_group(info: WorldInfo, backend: str, timeout_s: float,
-                  device: torch.device | None = None) -> Iterator[None]:
+def process_group(
+    info: WorldInfo, backend: str, timeout_s: float, device: torch.device | None = None
+) -> Iterator[None]:
     """Initialise the default process group and destroy it on every way out.
 
     A group that already exists (a test harness made it) is used as is and left alone.
@@ -119,23 +130,6 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def gather_to_rank0(obj) -> list | None:
-    """Every rank's ``obj`` on rank 0 (None elsewhere)."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-def all_gather(obj) -> list:
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 # ------------------------------------------------------------------------------------------ parallel layout
 
 
@@ -151,14 +145,18 @@ def resolve_degrees(parallel_cfg, world_size: int, model) -> tuple[int, int]:
     if tp == -1:
         tp = world_size // dp
     if dp * tp != world_size or dp < 1:
-        raise WorldError(f"parallel.dp_shard={parallel_cfg.dp_shard} x parallel.tp={parallel_cfg.tp} does not "
-                         f"divide the world of {world_size} ranks; choose degrees whose product is {world_size} "
-                         "(or set one to -1)")
+        raise WorldError(
+            f"parallel.dp_shard={parallel_cfg.dp_shard} x parallel.tp={parallel_cfg.tp} does not "
+            f"divide the world of {world_size} ranks; choose degrees whose product is {world_size} "
+            "(or set one to -1)"
+        )
     heads = {"num_attention_heads": model.num_attention_heads, "num_key_value_heads": model.num_key_value_heads}
     bad = [f"model.{k}={v}" for k, v in heads.items() if v % tp]
     if bad:
-        raise WorldError(f"tensor parallel degree {tp} does not divide {' and '.join(bad)}: each TP rank must "
-                         "hold whole attention heads. Choose parallel.tp among the divisors of the KV head count.")
+        raise WorldError(
+            f"tensor parallel degree {tp} does not divide {' and '.join(bad)}: each TP rank must "
+            "hold whole attention heads. Choose parallel.tp among the divisors of the KV head count."
+        )
     return dp, tp
 
 
@@ -192,14 +190,20 @@ class Parallel:
                 out.append(Replicate() if spec.tp_dim is None else Shard(spec.tp_dim))
         return tuple(out)
 
-    def local_box(self, spec: ParamSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """``(global offsets, local sizes)`` of this rank's shard of ``spec``."""
-        sizes, offsets = compute_local_shape_and_global_offset(spec.shape, self.mesh, self.placements(spec))
-        return tuple(offsets), tuple(sizes)
+    def local_box(self, spec: ParamSpec) -> Box:
+        """This rank's shard of ``spec`` (the launcher's layouts hold one block per rank)."""
+        (piece,) = shards.pieces_of(tuple(spec.shape), self.mesh, self.placements(spec))
+        return piece.box
 
     def wrap(self, local: torch.Tensor, spec: ParamSpec) -> DTensor:
-        return DTensor.from_local(local, self.mesh, self.placements(spec), run_check=False,
-                                  shape=torch.Size(spec.shape), stride=contiguous_stride(spec.shape))
+        return DTensor.from_local(
+            local,
+            self.mesh,
+            self.placements(spec),
+            run_check=False,
+            shape=torch.Size(spec.shape),
+            stride=contiguous_stride(spec.shape),
+        )
 
 
 def local_bytes_estimate(specs: list[ParamSpec], itemsize: int, dp: int, tp: int) -> int:

@@ -138,8 +138,11 @@ def _check_cluster_choice(overrides: Sequence[str], config_dir: Path) -> None:
         if o.key_or_group == "cluster" and not o.is_delete():
             value = o.value()
             if value not in options:
-                raise JobConfigError(f"unknown cluster {value!r}: choose cluster=" + " | cluster=".join(options)
-                                     + f" (or add {Path(config_dir) / 'cluster' / f'{value}.yaml'})")
+                raise JobConfigError(
+                    f"unknown cluster {value!r}: choose cluster="
+                    + " | cluster=".join(options)
+                    + f" (or add {Path(config_dir) / 'cluster' / f'{value}.yaml'})"
+                )
 
 
 def compose_job(overrides: Sequence[str], config_dir: str | os.PathLike = CONFIG_DIR) -> DictConfig:
@@ -153,8 +156,9 @@ def compose_job(overrides: Sequence[str], config_dir: str | os.PathLike = CONFIG
 def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> int:
     value = OmegaConf.select(cfg, key)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise JobConfigError(f"{key}={value!r} is invalid: it must be an integer >= {minimum}; "
-                             f"pass {key}=N on the command line")
+        raise JobConfigError(
+            f"{key}={value!r} is invalid: it must be an integer >= {minimum}; pass {key}=N on the command line"
+        )
     return value
 
 
@@ -165,8 +169,11 @@ def _check_complete(cfg: DictConfig, config_dir: Path) -> None:
         raise JobConfigError("no model chosen: pass +model=NAME (" + ", ".join(models) + ")")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise JobConfigError("these values are required and not set (the job would fail on them): "
-                             + ", ".join(missing) + "; pass them as KEY=VALUE overrides")
+        raise JobConfigError(
+            "these values are required and not set (the job would fail on them): "
+            + ", ".join(missing)
+            + "; pass them as KEY=VALUE overrides"
+        )
     try:
         OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
@@ -219,8 +226,14 @@ def _shell_command(lines: Sequence[Sequence[str]]) -> str:
 def torchrun_lines(job: Job, nnodes: str, rendezvous: Sequence[str]) -> list[list[str]]:
     """The torchrun command, grouped a line per option, then ``-m MODULE`` and one override a line."""
     c = job.cluster
-    return [shlex.split(c.torchrun), [nnodes], [f"--nproc-per-node={job.nproc_per_node}"],
-            *([w] for w in rendezvous), ["-m", c.module], *([o] for o in job.overrides)]
+    return [
+        shlex.split(c.torchrun),
+        [nnodes],
+        [f"--nproc-per-node={job.nproc_per_node}"],
+        *([w] for w in rendezvous),
+        ["-m", c.module],
+        *([o] for o in job.overrides),
+    ]
 
 
 def _script_env(job: Job) -> list[str]:
@@ -229,9 +242,15 @@ def _script_env(job: Job) -> list[str]:
 
 
 def slurm_torchrun(job: Job) -> list[list[str]]:
-    return torchrun_lines(job, Raw('--nnodes="$SLURM_NNODES"'), [
-        "--rdzv-backend=c10d", Raw(f'--rdzv-endpoint="$head_node:{job.cluster.rdzv_port}"'),
-        Raw('--rdzv-id="$SLURM_JOB_ID"')])
+    return torchrun_lines(
+        job,
+        Raw('--nnodes="$SLURM_NNODES"'),
+        [
+            "--rdzv-backend=c10d",
+            Raw(f'--rdzv-endpoint="$head_node:{job.cluster.rdzv_port}"'),
+            Raw('--rdzv-id="$SLURM_JOB_ID"'),
+        ],
+    )
 
 
 def render_slurm(job: Job) -> str:
@@ -251,10 +270,14 @@ def render_slurm(job: Job) -> str:
     srun += [f"--cpus-per-task={c.cpus_per_task}"] if c.cpus_per_task else []  # srun does not inherit it
     lines = ["#!/bin/bash", header(job).rstrip("\n"), *(f"#SBATCH {o}" for o in opts), "set -eu", ""]
     lines += _script_env(job)
-    lines += ['head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
-              f'echo "job $SLURM_JOB_ID: $SLURM_NNODES nodes x {job.nproc_per_node} ranks, '
-              f'rendezvous on $head_node:{c.rdzv_port}"', "",
-              _shell_command([srun, *slurm_torchrun(job)]), ""]
+    lines += [
+        'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+        f'echo "job $SLURM_JOB_ID: $SLURM_NNODES nodes x {job.nproc_per_node} ranks, '
+        f'rendezvous on $head_node:{c.rdzv_port}"',
+        "",
+        _shell_command([srun, *slurm_torchrun(job)]),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -268,10 +291,18 @@ def local_torchrun(job: Job) -> list[list[str]]:
 
 def render_local(job: Job) -> str:
     if job.nnodes != 1:
-        raise JobConfigError(f"cluster=local runs on this machine only, but world.nnodes={job.nnodes}; "
-                             "pass world.nnodes=1, or render cluster=slurm / cluster=k8s")
-    lines = ["#!/bin/bash", header(job).rstrip("\n"), "set -eu", *_script_env(job),
-             _shell_command(_prefixed(["exec"], local_torchrun(job))), ""]
+        raise JobConfigError(
+            f"cluster=local runs on this machine only, but world.nnodes={job.nnodes}; "
+            "pass world.nnodes=1, or render cluster=slurm / cluster=k8s"
+        )
+    lines = [
+        "#!/bin/bash",
+        header(job).rstrip("\n"),
+        "set -eu",
+        *_script_env(job),
+        _shell_command(_prefixed(["exec"], local_torchrun(job))),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -285,8 +316,11 @@ def _k8s_escape(s: str) -> str:
 
 def k8s_torchrun(job: Job) -> list[str]:
     c = job.cluster
-    lines = torchrun_lines(job, f"--nnodes={job.nnodes}", [
-        "--rdzv-backend=c10d", f"--rdzv-endpoint={c.job_name}-worker-0:{c.rdzv_port}", f"--rdzv-id={c.job_name}"])
+    lines = torchrun_lines(
+        job,
+        f"--nnodes={job.nnodes}",
+        ["--rdzv-backend=c10d", f"--rdzv-endpoint={c.job_name}-worker-0:{c.rdzv_port}", f"--rdzv-id={c.job_name}"],
+    )
     return [w for words in lines for w in words]
 
 
@@ -294,13 +328,17 @@ def _k8s_checks(job: Job) -> None:
     c = job.cluster
     # the operator names the pods' services <job_name>-worker-<i>: a DNS label of at most 63 characters
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,45}[a-z0-9])?", c.job_name):
-        raise JobConfigError(f"cluster.job_name={c.job_name!r} is not a valid PyTorchJob name: use at most 47 "
-                             "lowercase letters, digits and '-', starting and ending with a letter or digit")
+        raise JobConfigError(
+            f"cluster.job_name={c.job_name!r} is not a valid PyTorchJob name: use at most 47 "
+            "lowercase letters, digits and '-', starting and ending with a letter or digit"
+        )
     out = OmegaConf.select(job.cfg, "output.dir")
     if c.claim and out is not None and not _under(str(out), c.mount_path):
-        raise JobConfigError(f"output.dir={out!r} is not on the shared volume mounted at "
-                             f"cluster.mount_path={c.mount_path!r}: every pod writes into output.dir, so put it "
-                             f"there (output.dir={c.mount_path}/NAME) or change cluster.mount_path")
+        raise JobConfigError(
+            f"output.dir={out!r} is not on the shared volume mounted at "
+            f"cluster.mount_path={c.mount_path!r}: every pod writes into output.dir, so put it "
+            f"there (output.dir={c.mount_path}/NAME) or change cluster.mount_path"
+        )
 
 
 def _under(path: str, root: str) -> bool:
@@ -310,8 +348,12 @@ def _under(path: str, root: str) -> bool:
 
 def _k8s_container(job: Job) -> dict:
     c = job.cluster
-    container: dict = {"name": "pytorch", "image": c.image, "imagePullPolicy": c.image_pull_policy,
-                       "command": [_k8s_escape(w) for w in k8s_torchrun(job)]}
+    container: dict = {
+        "name": "pytorch",
+        "image": c.image,
+        "imagePullPolicy": c.image_pull_policy,
+        "command": [_k8s_escape(w) for w in k8s_torchrun(job)],
+    }
     env = _check_env(c.env)
     if env:
         container["env"] = [{"name": k, "value": _k8s_escape(v)} for k, v in env.items()]
@@ -349,11 +391,19 @@ def k8s_manifest(job: Job) -> dict:
         "metadata": metadata,
         "spec": {
             "nprocPerNode": str(job.nproc_per_node),
-            "elasticPolicy": {"rdzvBackend": "c10d", "rdzvPort": c.rdzv_port, "minReplicas": job.nnodes,
-                              "maxReplicas": job.nnodes, "maxRestarts": c.max_restarts},
+            "elasticPolicy": {
+                "rdzvBackend": "c10d",
+                "rdzvPort": c.rdzv_port,
+                "minReplicas": job.nnodes,
+                "maxReplicas": job.nnodes,
+                "maxRestarts": c.max_restarts,
+            },
             "pytorchReplicaSpecs": {
-                "Worker": {"replicas": job.nnodes, "restartPolicy": c.restart_policy,
-                           "template": {"spec": _k8s_pod(job)}},
+                "Worker": {
+                    "replicas": job.nnodes,
+                    "restartPolicy": c.restart_policy,
+                    "template": {"spec": _k8s_pod(job)},
+                },
             },
         },
     }
@@ -364,7 +414,9 @@ def render_k8s(job: Job) -> str:
 
 
 RENDERERS: dict[type, Callable[[Job], str]] = {
-    SlurmCluster: render_slurm, K8sCluster: render_k8s, LocalCluster: render_local,
+    SlurmCluster: render_slurm,
+    K8sCluster: render_k8s,
+    LocalCluster: render_local,
 }
 
 # -------------------------------------------------------------------------------------------------- api
@@ -385,8 +437,10 @@ def make_job(overrides: Sequence[str], config_dir: str | os.PathLike = CONFIG_DI
 def render_job(job: Job) -> str:
     renderer = RENDERERS.get(OmegaConf.get_type(job.cluster))
     if renderer is None:
-        raise JobConfigError("the chosen cluster config does not say what to render: its defaults list must start "
-                             "with one of " + ", ".join(SCHEMAS) + " (see configs/cluster/slurm.yaml)")
+        raise JobConfigError(
+            "the chosen cluster config does not say what to render: its defaults list must start "
+            "with one of " + ", ".join(SCHEMAS) + " (see configs/cluster/slurm.yaml)"
+        )
     return renderer(job)
 
 
@@ -400,12 +454,18 @@ SUBMIT = {SlurmCluster: "sbatch {}", K8sCluster: "kubectl apply -f {}", LocalClu
 
 def main(argv: Sequence[str] | None = None, config_dir: str | os.PathLike = CONFIG_DIR) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m launcher.jobs", description="Render a Slurm / Kubernetes / local job running launcher.save.",
+        prog="python -m launcher.jobs",
+        description="Render a Slurm / Kubernetes / local job running launcher.save.",
         epilog="example: python -m launcher.jobs cluster=slurm world.nnodes=4 world.nproc_per_node=8 "
-               "+model=llama3_70b output.dir=/ckpt/x")
+        "+model=llama3_70b output.dir=/ckpt/x",
+    )
     parser.add_argument("-o", "--output", metavar="FILE", help="write the job to FILE instead of stdout")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides as for launcher.save, plus cluster=NAME "
-                        "and cluster.KEY=VALUE (options: " + ", ".join(cluster_options(config_dir)) + ")")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides as for launcher.save, plus cluster=NAME "
+        "and cluster.KEY=VALUE (options: " + ", ".join(cluster_options(config_dir)) + ")",
+    )
     args = parser.parse_args(argv)
     try:
         job = make_job(args.overrides, config_dir)
@@ -415,9 +475,11 @@ def main(argv: Sequence[str] | None = None, config_dir: str | os.PathLike = CONF
         print(f"launcher.jobs: error: {e}{cause}", file=sys.stderr)
         return 2
     if OmegaConf.is_interpolation(job.cfg.world, "nnodes"):
-        print(f"launcher.jobs: note: world={job.nnodes}x{job.nproc_per_node} comes from this shell's environment "
-              "(world=auto); size the job with world.nnodes=N world.nproc_per_node=M or a world option",
-              file=sys.stderr)
+        print(
+            f"launcher.jobs: note: world={job.nnodes}x{job.nproc_per_node} comes from this shell's environment "
+            "(world=auto); size the job with world.nnodes=N world.nproc_per_node=M or a world option",
+            file=sys.stderr,
+        )
     if args.output is None:
         sys.stdout.write(text)
         return 0

@@ -24,11 +24,12 @@ import torch
 from torch.distributed.tensor import DTensor
 
 import hf_storage
+from hf_storage.collectives import Group
 
 from . import config as _config  # noqa: F401  (registers the schemas and resolvers before Hydra composes)
 from . import session
 from .config import Compare, SourceKind
-from .dist import Parallel, all_gather, gather_to_rank0
+from .dist import Parallel
 from .models import ParamSpec, param_specs, parse_dtype
 from .sources import check_names, empty_state, random_local
 
@@ -52,8 +53,10 @@ class LoadReport:
     def line(self) -> str:
         read = sum(self.bytes_read or [])
         rate = read / self.seconds / 1e9 if self.seconds > 0 else float("inf")
-        text = (f"loaded {self.tensors} tensors ({self.total_bytes / 1e9:.3f} GB) from {self.path} in "
-                f"{self.seconds:.2f} s; ranks read {read / 1e9:.3f} GB together ({rate:.2f} GB/s)")
+        text = (
+            f"loaded {self.tensors} tensors ({self.total_bytes / 1e9:.3f} GB) from {self.path} in "
+            f"{self.seconds:.2f} s; ranks read {read / 1e9:.3f} GB together ({rate:.2f} GB/s)"
+        )
         return text + ("; " + session.memory_line(self.peaks) if self.peaks else "")
 
 
@@ -64,15 +67,15 @@ def target_dtypes(cfg, ckpt, specs: list[ParamSpec]) -> dict[str, torch.dtype]:
     return {s.name: ckpt.tensors[s.name].dtype for s in specs}
 
 
-def mismatches(cfg, state: dict[str, DTensor], specs: list[ParamSpec], par: Parallel,
-               workers: int = 1) -> list[str]:
+def mismatches(cfg, state: dict[str, DTensor], specs: list[ParamSpec], par: Parallel, workers: int = 1) -> list[str]:
     """Names whose local shard differs from the random init of ``cfg.seed`` (in the loaded dtype)."""
     bad = []
     for s in specs:
         local = state[s.name].to_local()
         offsets, sizes = par.local_box(s)
-        want = random_local(cfg.seed, s, offsets, sizes, cfg.model.initializer_range, local.dtype,
-                            local.device, workers)
+        want = random_local(
+            cfg.seed, s, offsets, sizes, cfg.model.initializer_range, local.dtype, local.device, workers
+        )
         if not torch.equal(local, want):
             bad.append(s.name)
     return bad
@@ -90,21 +93,29 @@ def run(cfg) -> LoadReport:
     with session.start(cfg, specs, max(d.itemsize for d in dtypes.values())) as s:
         state = empty_state(specs, s.par, dtypes)
         t0 = time.perf_counter()
-        summary = hf_storage.load(state, path, allow_cast=cfg.dtype is not None,
-                                  thread_count=cfg.source.thread_count)
-        seconds = max(all_gather(time.perf_counter() - t0))
+        summary = hf_storage.load(state, path, allow_cast=cfg.dtype is not None, thread_count=cfg.source.thread_count)
+        seconds = max(Group().all_gather(time.perf_counter() - t0))
         bad = mismatches(cfg, state, specs, s.par, s.place.threads) if compare else []
-        every_bad = sorted({n for names in all_gather(bad) for n in names})
-        report = LoadReport(path, summary.tensors, ckpt.nbytes(), gather_to_rank0(summary.local_bytes), seconds,
-                            every_bad, session.gather_peaks(s.place.device))
+        every_bad = sorted({n for names in Group().all_gather(bad) for n in names})
+        report = LoadReport(
+            path,
+            summary.tensors,
+            ckpt.nbytes(),
+            Group().gather(summary.local_bytes),
+            seconds,
+            every_bad,
+            session.gather_peaks(s.place.device),
+        )
     if s.is_rank0:
         log.info(report.line())
         if compare and not report.mismatched:
             log.info("compare=random: all %d tensors equal the random init of seed=%s", len(specs), cfg.seed)
     if report.mismatched:
-        raise CompareError(f"compare=random: {len(report.mismatched)} of {len(specs)} tensors differ from the "
-                           f"random init of seed={cfg.seed}: {', '.join(report.mismatched[:20])}. Was the "
-                           "checkpoint saved with another seed, model or output.dtype?")
+        raise CompareError(
+            f"compare=random: {len(report.mismatched)} of {len(specs)} tensors differ from the "
+            f"random init of seed={cfg.seed}: {', '.join(report.mismatched[:20])}. Was the "
+            "checkpoint saved with another seed, model or output.dtype?"
+        )
     return report
 
 

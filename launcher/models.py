@@ -16,8 +16,10 @@ from .config import DType
 COLWISE, ROWWISE = 0, 1  # the tensor dimension tensor parallelism splits
 
 TORCH_DTYPES: dict[DType, torch.dtype] = {
-    DType.float32: torch.float32, DType.bfloat16: torch.bfloat16,
-    DType.float16: torch.float16, DType.float64: torch.float64,
+    DType.float32: torch.float32,
+    DType.bfloat16: torch.bfloat16,
+    DType.float16: torch.float16,
+    DType.float64: torch.float64,
 }
 
 
@@ -64,22 +66,32 @@ def head_dim(m) -> int:
 def check_model(m) -> None:
     """Raise :class:`ModelConfigError` naming every impossible value at once."""
     problems = []
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads"):
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+    ):
         if m[key] < 1:
             problems.append(f"model.{key}={m[key]} must be >= 1")
     if problems:
         raise ModelConfigError("; ".join(problems))
     if m.head_dim is None and m.hidden_size % m.num_attention_heads:
-        problems.append(f"model.hidden_size={m.hidden_size} is not a multiple of model.num_attention_heads="
-                        f"{m.num_attention_heads}; change one or set model.head_dim")
+        problems.append(
+            f"model.hidden_size={m.hidden_size} is not a multiple of model.num_attention_heads="
+            f"{m.num_attention_heads}; change one or set model.head_dim"
+        )
     if m.head_dim is not None and (m.head_dim < 2 or m.head_dim % 2):
         problems.append(f"model.head_dim={m.head_dim} must be even (rotary embeddings rotate pairs)")
     elif m.head_dim is None and head_dim(m) % 2:
         problems.append(f"the head dim hidden_size/num_attention_heads={head_dim(m)} must be even")
     if m.num_attention_heads % m.num_key_value_heads:
-        problems.append(f"model.num_attention_heads={m.num_attention_heads} is not a multiple of "
-                        f"model.num_key_value_heads={m.num_key_value_heads}")
+        problems.append(
+            f"model.num_attention_heads={m.num_attention_heads} is not a multiple of "
+            f"model.num_key_value_heads={m.num_key_value_heads}"
+        )
     if problems:
         raise ModelConfigError("; ".join(problems))
 
@@ -100,8 +112,10 @@ def _layer_specs(m, i: int) -> list[ParamSpec]:
         ParamSpec(p + "mlp.down_proj.weight", (h, inter), ROWWISE, "normal"),
     ]
     if m.attention_bias:
-        specs += [ParamSpec(p + f"self_attn.{n}_proj.bias", (size,), COLWISE, "normal")
-                  for n, size in (("q", q), ("k", kv), ("v", kv))]
+        specs += [
+            ParamSpec(p + f"self_attn.{n}_proj.bias", (size,), COLWISE, "normal")
+            for n, size in (("q", q), ("k", kv), ("v", kv))
+        ]
         specs.append(ParamSpec(p + "self_attn.o_proj.bias", (h,), None, "normal"))
     if m.mlp_bias:
         specs += [ParamSpec(p + f"mlp.{n}_proj.bias", (inter,), COLWISE, "normal") for n in ("gate", "up")]

@@ -66,8 +66,14 @@ def _gpu(nvml, i: int) -> Gpu:
         cpus = cpus_from_mask(nvml.nvmlDeviceGetCpuAffinity(h, ((os.cpu_count() or 1) + 63) // 64))
     except nvml.NVMLError:
         cpus = ()
-    return Gpu(i, _text(nvml.nvmlDeviceGetUUID(h)), _text(nvml.nvmlDeviceGetPciInfo(h).busId),
-               int(mem.free), int(mem.total), cpus)
+    return Gpu(
+        i,
+        _text(nvml.nvmlDeviceGetUUID(h)),
+        _text(nvml.nvmlDeviceGetPciInfo(h).busId),
+        int(mem.free),
+        int(mem.total),
+        cpus,
+    )
 
 
 def nvml_gpus() -> list[Gpu]:
@@ -110,8 +116,10 @@ def select_gpus(gpus: list[Gpu], visible: list[str], wanted) -> list[Gpu]:
     unknown = [str(w) for w in wanted if str(w) not in by_key]
     if unknown:
         known = ", ".join(f"{g.index} ({g.uuid})" for g in usable) or "none"
-        raise PlacementError(f"placement.gpus lists {unknown}, which are not GPUs CUDA can use here; "
-                             f"usable GPUs (NVML index, UUID): {known}")
+        raise PlacementError(
+            f"placement.gpus lists {unknown}, which are not GPUs CUDA can use here; "
+            f"usable GPUs (NVML index, UUID): {known}"
+        )
     return [by_key[str(w)] for w in wanted]
 
 
@@ -120,7 +128,8 @@ def check_free(free: int, need: int, where: str) -> None:
         raise PlacementError(
             f"{where} has {free / 2**30:.2f} GiB free but this rank needs about {need / 2**30:.2f} GiB for its "
             "shard; spread the model over more ranks (world.nproc_per_node, world.nnodes), free the memory, "
-            "or skip the check with placement.check_free_memory=false")
+            "or skip the check with placement.check_free_memory=false"
+        )
 
 
 def mem_available() -> int | None:
@@ -146,8 +155,11 @@ def cpu_threads(local_world_size: int) -> int:
 def _cpu_placement(pcfg, need: int, local_world_size: int) -> Placement:
     avail = mem_available()
     if pcfg.check_free_memory and avail is not None:
-        check_free(avail // max(1, local_world_size), int(need * pcfg.headroom),
-                   f"this node's memory (shared by {local_world_size} ranks)")
+        check_free(
+            avail // max(1, local_world_size),
+            int(need * pcfg.headroom),
+            f"this node's memory (shared by {local_world_size} ranks)",
+        )
     return Placement(torch.device("cpu"), CPU_BACKEND, threads=cpu_threads(local_world_size))
 
 
@@ -167,7 +179,8 @@ def _cuda_placement(pcfg, gpus: list[Gpu], visible: list[str], local_rank: int, 
         raise PlacementError(
             f"local rank {local_rank} needs a GPU of its own but only {len(gpus)} are usable here "
             f"(placement.gpus={list(pcfg.gpus) if pcfg.gpus is not None else None}); start at most {len(gpus)} "
-            "ranks per node (world.nproc_per_node / --nproc-per-node), list more GPUs, or use placement=cpu")
+            "ranks per node (world.nproc_per_node / --nproc-per-node), list more GPUs, or use placement=cpu"
+        )
     gpu = gpus[local_rank]
     device = torch.device("cuda", visible.index(gpu.uuid))
     torch.cuda.set_device(device)
@@ -192,7 +205,8 @@ def choose(pcfg, local_rank: int, local_world_size: int, need_bytes: int) -> Pla
             raise PlacementError(
                 f"placement.device=cuda but no usable GPU: NVML sees {len(gpus)}, CUDA sees {len(visible)} "
                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch CUDA build: "
-                f"{torch.version.cuda}). Use placement=cpu, or fix the driver / visibility.")
+                f"{torch.version.cuda}). Use placement=cpu, or fix the driver / visibility."
+            )
         log.info("no usable GPU (NVML sees %d, CUDA %d): running on CPU with gloo", len(gpus), len(visible))
         return _cpu_placement(pcfg, need_bytes, local_world_size)
     return _cuda_placement(pcfg, chosen, visible, local_rank, need_bytes)

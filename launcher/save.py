@@ -30,13 +30,14 @@ from dataclasses import dataclass
 
 import hydra
 import torch
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor
 
 import hf_storage
+from hf_storage import pipeline
 
 from . import config as _config  # noqa: F401  (registers the schemas and resolvers before Hydra composes)
 from . import session
-from .config import Overwrite
+from .config import AsyncMode, Overwrite
 from .models import dtype_name, hf_config, param_specs, parse_dtype
 from .sources import build_state
 
@@ -52,11 +53,17 @@ class SaveReport:
     def line(self) -> str:
         s = self.summary
         rate = s.total_bytes / s.seconds / 1e9 if s.seconds > 0 else float("inf")
-        text = (f"saved {s.tensors} tensors in {s.files} files, {s.total_bytes / 1e9:.3f} GB to {s.path} in "
-                f"{s.seconds:.2f} s ({rate:.2f} GB/s); built the state in {self.build_seconds:.2f} s")
+        text = (
+            f"saved {s.tensors} tensors in {s.files} files, {s.total_bytes / 1e9:.3f} GB to {s.path} in "
+            f"{s.seconds:.2f} s ({rate:.2f} GB/s); built the state in {self.build_seconds:.2f} s"
+        )
+        if s.stall_seconds:
+            text += f"; async: training would have stood still {s.stall_seconds:.2f} s, the rest ran in the background"
         if s.assembled_bytes:
-            text += (f"; {s.assembled_bytes / 1e9:.3f} of rank 0's {s.local_bytes / 1e9:.3f} GB went through "
-                     "row assembly (column shards)")
+            text += (
+                f"; {s.assembled_bytes / 1e9:.3f} of rank 0's {s.local_bytes / 1e9:.3f} GB went through "
+                "row assembly (column shards)"
+            )
         return text + ("; " + session.memory_line(self.peaks) if self.peaks else "")
 
 
@@ -67,22 +74,24 @@ def output_dtype(cfg) -> torch.dtype:
 
 
 def bytes_written_here(state: dict[str, DTensor]) -> int:
-    """What this rank will write: its shards, replicas only at coordinate 0 of replicated mesh dims."""
-    total = 0
-    for t in state.values():
-        coord = t.device_mesh.get_coordinate() or []
-        if all(c == 0 for c, p in zip(coord, t.placements, strict=True) if isinstance(p, Replicate)):
-            total += t.to_local().numel() * t.element_size()
-    return total
+    """What this rank will write: its pieces of every tensor (replicas once), as the save counts them."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return sum(c.box.nbytes(c.data.element_size()) for n, t in state.items() for c in pipeline.chunks_of(n, t, rank))
 
 
 def write(cfg, state: dict[str, DTensor], out: str, dtype: torch.dtype, show: bool) -> hf_storage.SaveSummary:
     extra = {"config.json": json.dumps(hf_config(cfg.model, dtype), indent=2) + "\n"}
+    options = dict(
+        max_shard_size=cfg.output.max_shard_size,
+        thread_count=cfg.output.thread_count,
+        durable=cfg.output.durable,
+        overwrite=cfg.output.overwrite is Overwrite.replace,
+        extra_files=extra,
+    )
+    if cfg.output.async_mode is not AsyncMode.off:  # the caller's view: stall, then the background part
+        return hf_storage.async_save(state, out, mode=cfg.output.async_mode.value, **options).result()
     with session.byte_progress(bytes_written_here(state), show, "rank 0 writing") as progress:
-        return hf_storage.save(
-            state, out, max_shard_size=cfg.output.max_shard_size, thread_count=cfg.output.thread_count,
-            durable=cfg.output.durable, overwrite=cfg.output.overwrite is Overwrite.replace,
-            extra_files=extra, progress=progress)
+        return hf_storage.save(state, out, progress=progress, **options)
 
 
 def run(cfg) -> SaveReport:
@@ -94,8 +103,9 @@ def run(cfg) -> SaveReport:
     specs = param_specs(cfg.model)
     with session.start(cfg, specs, dtype.itemsize) as s:
         if s.is_rank0:
-            log.info("saving %d tensors (%s, source=%s) to %s", len(specs), dtype_name(dtype),
-                     cfg.source.kind.value, out)
+            log.info(
+                "saving %d tensors (%s, source=%s) to %s", len(specs), dtype_name(dtype), cfg.source.kind.value, out
+            )
         t0 = time.perf_counter()
         state = build_state(cfg, specs, s.par, dtype, s.place.threads)
         built = time.perf_counter() - t0

@@ -1,12 +1,12 @@
 """What the apps do around their work: check the config, place the rank, hold the process group, report.
 
-    @hydra.main(config_path="../configs", config_name="save", version_base="1.3")
-    @session.one_line_errors("launcher.save")        # a fixable error: one line per rank, exit status 1
-    def main(cfg): ...
+@hydra.main(config_path="../configs", config_name="save", version_base="1.3")
+@session.one_line_errors("launcher.save")        # a fixable error: one line per rank, exit status 1
+def main(cfg): ...
 
-    with session.start(cfg, specs, itemsize) as s:   # world check, device, process group, device mesh
-        ...                                          # s.info, s.place, s.par
-    line = session.memory_line(session.gather_peaks(s.place.device))
+with session.start(cfg, specs, itemsize) as s:   # world check, device, process group, device mesh
+    ...                                          # s.info, s.place, s.par
+line = session.memory_line(session.gather_peaks(s.place.device))
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 import hf_storage
+from hf_storage.collectives import Group
+from hf_storage.verify import human_size
 
 from . import placement
 from .config import SourceKind, env_rank
@@ -35,7 +37,6 @@ from .dist import (
     WorldError,
     WorldInfo,
     check_world,
-    gather_to_rank0,
     local_bytes_estimate,
     make_parallel,
     process_group,
@@ -69,8 +70,10 @@ def check_config(cfg, groups=GROUPS) -> None:
     left are the values a schema cannot express: a chosen model, groups or keys deleted with ``~KEY``.
     """
     if "model" not in cfg or cfg.model is None:  # ``in`` is False for a MISSING (``???``) value
-        raise ConfigError(f"no model chosen: add +model=NAME to the command line, NAME one of "
-                          f"{', '.join(options_of('model'))} (e.g. +model=llama)")
+        raise ConfigError(
+            f"no model chosen: add +model=NAME to the command line, NAME one of "
+            f"{', '.join(options_of('model'))} (e.g. +model=llama)"
+        )
     check_model(cfg.model)
     gone = [g for g in groups if g not in cfg or cfg[g] is None]
     if gone:
@@ -110,8 +113,10 @@ def check_source(cfg) -> str | None:
         return None
     path = require_dir(cfg, "source.path", CHECKPOINT_KINDS[kind])
     if kind is SourceKind.dcp and not os.path.isfile(os.path.join(path, ".metadata")):
-        raise ConfigError(f"source.path={path} holds no .metadata file, so it is not a DCP checkpoint: pass "
-                          f"source.path=DIR of {CHECKPOINT_KINDS[kind]}, or source=hf for an HF checkpoint")
+        raise ConfigError(
+            f"source.path={path} holds no .metadata file, so it is not a DCP checkpoint: pass "
+            f"source.path=DIR of {CHECKPOINT_KINDS[kind]}, or source=hf for an HF checkpoint"
+        )
     return path
 
 
@@ -135,8 +140,15 @@ def start(cfg, specs: list[ParamSpec], itemsize: int) -> Iterator[Session]:
     need = local_bytes_estimate(specs, itemsize, dp, tp)
     place = placement.choose(cfg.placement, info.local_rank, info.local_world_size or 1, need)
     if info.rank == 0:
-        log.info("%d rank(s) on %d node(s), device %s (%s), mesh dp=%d tp=%d", info.world_size,
-                 info.nnodes or 1, place.device.type, place.backend, dp, tp)
+        log.info(
+            "%d rank(s) on %d node(s), device %s (%s), mesh dp=%d tp=%d",
+            info.world_size,
+            info.nnodes or 1,
+            place.device.type,
+            place.backend,
+            dp,
+            tp,
+        )
     threads = torch.get_num_threads()
     if place.device.type == "cpu":
         torch.set_num_threads(1)  # parallel work goes to place.threads coarse-grained workers instead
@@ -151,7 +163,12 @@ def start(cfg, specs: list[ParamSpec], itemsize: int) -> Iterator[Session]:
 
 # Errors whose message names the cause and the fix: the apps end on them with one line, not a traceback.
 FIXABLE: tuple[type[BaseException], ...] = (
-    ConfigError, ModelConfigError, WorldError, placement.PlacementError, SourceError, UnknownKeyError,
+    ConfigError,
+    ModelConfigError,
+    WorldError,
+    placement.PlacementError,
+    SourceError,
+    UnknownKeyError,
     hf_storage.HFStorageError,
 )
 
@@ -196,7 +213,9 @@ def one_line_errors(app: str, *more: type[BaseException]) -> Callable:
                 where = f"[rank{env_rank()}] " if "RANK" in os.environ else ""  # torchrun started it
                 print(where + line, file=sys.stderr, flush=True)
                 raise SystemExit(1) from None
+
         return wrapper
+
     return decorate
 
 
@@ -224,22 +243,15 @@ def peak_memory(device: torch.device) -> dict:
 
 
 def gather_peaks(device: torch.device) -> list[dict] | None:
-    return gather_to_rank0(peak_memory(device))
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+    return Group().gather(peak_memory(device))
 
 
 def _per_rank(values: list[int]) -> str:
     if len(values) <= 8:
-        return ", ".join(f"r{r} {human(v)}" for r, v in enumerate(values))
+        return ", ".join(f"r{r} {human_size(v)}" for r, v in enumerate(values))
     worst = max(range(len(values)), key=values.__getitem__)
-    return f"min {human(min(values))}, median {human(statistics.median(values))}, max {human(values[worst])} (r{worst})"
+    median = human_size(int(statistics.median(values)))
+    return f"min {human_size(min(values))}, median {median}, max {human_size(values[worst])} (r{worst})"
 
 
 def memory_line(peaks: list[dict]) -> str:
@@ -247,5 +259,3 @@ def memory_line(peaks: list[dict]) -> str:
     if all("cuda" in p for p in peaks):
         line += "; peak CUDA allocated per rank: " + _per_rank([p["cuda"] for p in peaks])
     return line
-
-

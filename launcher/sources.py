@@ -26,6 +26,7 @@ import math
 import struct
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -113,9 +114,25 @@ def _linear_index(shape, offsets, sizes, device) -> torch.Tensor:
     return index
 
 
-def random_box(seed: int, name: str, shape, offsets, sizes, *, mean: float = 0.0, std: float = 0.02,
-               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               workers: int = 1) -> torch.Tensor:
+class Noise(NamedTuple):
+    """How random values are drawn: the run's seed, and the mean and standard deviation of the bell."""
+
+    seed: int
+    mean: float = 0.0
+    std: float = 0.02
+
+
+def random_box(
+    noise: Noise,
+    name: str,
+    shape,
+    offsets,
+    sizes,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    workers: int = 1,
+) -> torch.Tensor:
     """The box ``(offsets, sizes)`` of the random tensor ``name``, made slab by slab along dim 0.
 
     ``workers`` threads fill whole slabs each (coarse grains: a stalled thread delays only its slab).
@@ -123,13 +140,13 @@ def random_box(seed: int, name: str, shape, offsets, sizes, *, mean: float = 0.0
     out = torch.empty(tuple(sizes), dtype=dtype, device=device)
     if out.numel() == 0:
         return out
-    key = stream_key(seed, name)
+    key = stream_key(noise.seed, name)
     rows = max(1, SLAB_ELEMENTS // max(1, math.prod(sizes[1:])))
 
     def fill(r: int) -> None:
         n = min(rows, sizes[0] - r)
         index = _linear_index(shape, (offsets[0] + r, *offsets[1:]), (n, *sizes[1:]), device)
-        out[r:r + n] = _bell(splitmix64(index, key), mean, std).to(dtype)
+        out[r : r + n] = _bell(splitmix64(index, key), noise.mean, noise.std).to(dtype)
 
     starts = range(0, sizes[0], rows)
     if workers > 1 and len(starts) > 1:
@@ -141,15 +158,16 @@ def random_box(seed: int, name: str, shape, offsets, sizes, *, mean: float = 0.0
     return out
 
 
-def random_local(seed: int, spec: ParamSpec, offsets, sizes, std: float, dtype: torch.dtype,
-                 device, workers: int = 1) -> torch.Tensor:
-    mean = 1.0 if spec.init == "norm" else 0.0
-    return random_box(seed, spec.name, spec.shape, offsets, sizes, mean=mean, std=std, dtype=dtype,
-                      device=device, workers=workers)
+def random_local(
+    seed: int, spec: ParamSpec, offsets, sizes, std: float, dtype: torch.dtype, device, workers: int = 1
+) -> torch.Tensor:
+    noise = Noise(seed, 1.0 if spec.init == "norm" else 0.0, std)
+    return random_box(noise, spec.name, spec.shape, offsets, sizes, dtype=dtype, device=device, workers=workers)
 
 
-def random_state(seed: int, specs: list[ParamSpec], par: Parallel, std: float,
-                 dtype: torch.dtype, workers: int = 1) -> dict[str, DTensor]:
+def random_state(
+    seed: int, specs: list[ParamSpec], par: Parallel, std: float, dtype: torch.dtype, workers: int = 1
+) -> dict[str, DTensor]:
     state = {}
     for s in specs:
         offsets, sizes = par.local_box(s)
@@ -160,8 +178,9 @@ def random_state(seed: int, specs: list[ParamSpec], par: Parallel, std: float,
 # ------------------------------------------------------------------------------------------- name checks
 
 
-def check_names(found: Mapping[str, tuple[int, ...]], specs: list[ParamSpec], where: str,
-                *, unexpected: bool = True) -> None:
+def check_names(
+    found: Mapping[str, tuple[int, ...]], specs: list[ParamSpec], where: str, *, unexpected: bool = True
+) -> None:
     """One error naming every missing tensor, shape mismatch and (optionally) unexpected tensor."""
     problems = []
     for s in specs:
@@ -174,8 +193,10 @@ def check_names(found: Mapping[str, tuple[int, ...]], specs: list[ParamSpec], wh
         problems += [f"{n}: not part of the model" for n in sorted(found) if n not in wanted]
     if problems:
         shown = "; ".join(problems[:30]) + (f"; ... ({len(problems) - 30} more)" if len(problems) > 30 else "")
-        raise SourceError(f"{where} does not match the configured model ({len(problems)} problems): {shown}. "
-                          "Fix: choose the model that wrote it (+model=..., model.KEY=VALUE) or another path.")
+        raise SourceError(
+            f"{where} does not match the configured model ({len(problems)} problems): {shown}. "
+            "Fix: choose the model that wrote it (+model=..., model.KEY=VALUE) or another path."
+        )
 
 
 def empty_state(specs: list[ParamSpec], par: Parallel, dtypes: Mapping[str, torch.dtype]) -> dict[str, DTensor]:
@@ -190,8 +211,9 @@ def empty_state(specs: list[ParamSpec], par: Parallel, dtypes: Mapping[str, torc
 # ------------------------------------------------------------------------------------------------------ hf
 
 
-def hf_state(path: str, specs: list[ParamSpec], par: Parallel, dtype: torch.dtype,
-             thread_count: int = 4) -> dict[str, DTensor]:
+def hf_state(
+    path: str, specs: list[ParamSpec], par: Parallel, dtype: torch.dtype, thread_count: int = 4
+) -> dict[str, DTensor]:
     """Each rank reads its shards of an HF checkpoint, cast to ``dtype`` while reading."""
     ckpt = hf_storage.open_checkpoint(path)
     check_names({n: t.shape for n, t in ckpt.tensors.items()}, specs, f"HF checkpoint {path}")
@@ -237,16 +259,21 @@ def _dcp_shapes(metadata, prefix: str, specs: list[ParamSpec], names: titan.Tita
     return found
 
 
-def dcp_state(path: str, prefix: str, specs: list[ParamSpec], par: Parallel, model,
-              dtype: torch.dtype) -> dict[str, DTensor]:
+def dcp_state(
+    path: str, prefix: str, specs: list[ParamSpec], par: Parallel, model, dtype: torch.dtype
+) -> dict[str, DTensor]:
     """Each rank reads from a torchtitan DCP checkpoint only the rows of the heads its shards overlap.
 
     Either set of torchtitan names is read (:func:`titan.detect` on the checkpoint's metadata keys).
     """
     metadata = FileSystemReader(path).read_metadata()
     names = titan.detect(metadata.state_dict_metadata, prefix)
-    check_names(_dcp_shapes(metadata, prefix, specs, names), specs,
-                f"DCP checkpoint {path} ({names.describe()}, key prefix {prefix!r})", unexpected=False)
+    check_names(
+        _dcp_shapes(metadata, prefix, specs, names),
+        specs,
+        f"DCP checkpoint {path} ({names.describe()}, key prefix {prefix!r})",
+        unexpected=False,
+    )
     hd = head_dim(model)
     boxes, wanted = {}, {}
     for s in specs:
@@ -269,8 +296,7 @@ def dcp_state(path: str, prefix: str, specs: list[ParamSpec], par: Parallel, mod
 # -------------------------------------------------------------------------------------------------- choose
 
 
-def build_state(cfg, specs: list[ParamSpec], par: Parallel, dtype: torch.dtype,
-                workers: int = 1) -> dict[str, DTensor]:
+def build_state(cfg, specs: list[ParamSpec], par: Parallel, dtype: torch.dtype, workers: int = 1) -> dict[str, DTensor]:
     """The model state from ``cfg.source``, in ``dtype``, sharded as ``par`` says."""
     kind = SourceKind(cfg.source.kind)
     if kind is SourceKind.random:

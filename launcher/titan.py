@@ -56,8 +56,11 @@ _LAYER = {
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
-_QKV = {"wq.weight": "self_attn.q_proj.weight", "wk.weight": "self_attn.k_proj.weight",
-        "wv.weight": "self_attn.v_proj.weight"}
+_QKV = {
+    "wq.weight": "self_attn.q_proj.weight",
+    "wk.weight": "self_attn.k_proj.weight",
+    "wv.weight": "self_attn.v_proj.weight",
+}
 _TITAN_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _TITAN_QKV = re.compile(r"^layers\.\d+\.(attention\.(?:qkv_linear\.)?)(wq|wk|wv|wqkv)\.weight$")
@@ -110,20 +113,24 @@ def detect(keys: Iterable[str], prefix: str = "") -> TitanNames:
     """
     styles, heads = set(), set()
     for key in keys:
-        name = key[len(prefix):] if key.startswith(prefix) else None
+        name = key[len(prefix) :] if key.startswith(prefix) else None
         m = _TITAN_QKV.match(name) if name is not None else None
         if m and m.group(2) == "wqkv":
-            raise UnknownKeyError(f"{key!r} is a fused q/k/v weight (torchtitan's FusedQKVLinear before "
-                                  "pytorch/torchtitan#3656, 2026-06-19), which this adapter does not split: load "
-                                  "the run in a later torchtitan, which saves wq/wk/wv, and save it again")
+            raise UnknownKeyError(
+                f"{key!r} is a fused q/k/v weight (torchtitan's FusedQKVLinear before "
+                "pytorch/torchtitan#3656, 2026-06-19), which this adapter does not split: load "
+                "the run in a later torchtitan, which saves wq/wk/wv, and save it again"
+            )
         if m:
             styles.add(m.group(1))
         elif name in _HEADS:
             heads.add(name)
     if len(styles) > 1 or len(heads) > 1:
         found = sorted(f"layers.N.{s}wq.weight" for s in styles) + sorted(heads)
-        raise UnknownKeyError(f"the checkpoint mixes torchtitan's two sets of names ({', '.join(found)}); "
-                              f"does source.key_prefix={prefix!r} select one model?")
+        raise UnknownKeyError(
+            f"the checkpoint mixes torchtitan's two sets of names ({', '.join(found)}); "
+            f"does source.key_prefix={prefix!r} select one model?"
+        )
     qkv = styles.pop() if styles else CURRENT.qkv
     head = heads.pop() if heads else {CURRENT.qkv: CURRENT.head, LEGACY.qkv: LEGACY.head}[qkv]
     return TitanNames(qkv, head)
@@ -162,8 +169,9 @@ def to_hf(state: Mapping[str, torch.Tensor], n_heads: int, n_kv_heads: int) -> d
     return out
 
 
-def from_hf(state: Mapping[str, torch.Tensor], n_heads: int, n_kv_heads: int,
-            names: TitanNames = CURRENT) -> dict[str, torch.Tensor]:
+def from_hf(
+    state: Mapping[str, torch.Tensor], n_heads: int, n_kv_heads: int, names: TitanNames = CURRENT
+) -> dict[str, torch.Tensor]:
     """The inverse of :func:`to_hf`, with the torchtitan ``names`` asked for."""
     out = {}
     for name, t in state.items():
@@ -172,8 +180,9 @@ def from_hf(state: Mapping[str, torch.Tensor], n_heads: int, n_kv_heads: int,
     return out
 
 
-def source_box(hf_name_: str, offsets: tuple[int, ...], sizes: tuple[int, ...],
-               head_dim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def source_box(
+    hf_name_: str, offsets: tuple[int, ...], sizes: tuple[int, ...], head_dim: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The box of the torchtitan tensor needed for the box ``(offsets, sizes)`` of the HF tensor.
 
     The same box, except for q/k weights, whose rows grow to whole heads.
@@ -185,10 +194,16 @@ def source_box(hf_name_: str, offsets: tuple[int, ...], sizes: tuple[int, ...],
     return (lo, *offsets[1:]), (hi - lo, *sizes[1:])
 
 
-def hf_rows_from_source(hf_name_: str, source: torch.Tensor, source_offsets: tuple[int, ...],
-                        offsets: tuple[int, ...], sizes: tuple[int, ...], head_dim: int) -> torch.Tensor:
+def hf_rows_from_source(
+    hf_name_: str,
+    source: torch.Tensor,
+    source_offsets: tuple[int, ...],
+    offsets: tuple[int, ...],
+    sizes: tuple[int, ...],
+    head_dim: int,
+) -> torch.Tensor:
     """This rank's HF box from the torchtitan box :func:`source_box` returned (read into ``source``)."""
     if rotary(hf_name_) is None or sizes[0] == 0:
         return source
     halves = interleaved_to_halves(source, source.shape[0] // head_dim)
-    return halves[offsets[0] - source_offsets[0]: offsets[0] - source_offsets[0] + sizes[0]]
+    return halves[offsets[0] - source_offsets[0] : offsets[0] - source_offsets[0] + sizes[0]]

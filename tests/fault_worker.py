@@ -4,15 +4,15 @@
         --path /ckpt/x --out /tmp/run --api save --gen 2 --fault write:kill --fault-rank 1
 
 Builds a small deterministic sharded state dict (DTensors on a 1-D CPU mesh, plus one plain tensor), then
-saves it with ``hf_storage.save`` (``--api save``) or ``dcp.save`` + ``HuggingFaceStorageWriter``
-(``--api dcp``). A fault is injected in-process by wrapping library functions (the library is not
-changed). ``--fault POINT:ACTION`` on ``--fault-rank``:
+saves it with ``hf_storage.save`` (``--api save``), ``hf_storage.async_save`` (``--api async``) or
+``dcp.save`` + ``HuggingFaceStorageWriter`` (``--api dcp``). A fault is injected in-process by wrapping
+library functions (the library is not changed). ``--fault POINT:ACTION`` on ``--fault-rank``:
 
-    POINT   create  on entry to ``writer.create_files`` (rank 0 only: the staging dir exists, no files yet)
-            write   in the write phase, after this rank's first data ``pwrite`` (``_io.pwrite_all``)
-            report  after this rank's ``write_chunks`` returned, before it reports to rank 0
-            publish on entry to ``commit.publish`` (rank 0 only: every file and the index are staged)
-            swap    inside ``commit.publish`` on a filesystem without ``renameat2(RENAME_EXCHANGE)`` (NFS,
+    POINT   create  on entry to ``pipeline.create_files`` (rank 0 only: the staging dir exists, no files yet)
+            write   in the write phase, after this rank's first data ``pwrite`` (``engine.pwrite_all``)
+            report  after this rank's ``pipeline.write`` returned, before it reports to rank 0
+            publish on entry to ``publish.publish`` (rank 0 only: every file and the index are staged)
+            swap    inside ``publish.publish`` on a filesystem without ``renameat2(RENAME_EXCHANGE)`` (NFS,
                     Lustre): after the old directory was renamed to ``.<name>.old``, before the staging
                     directory is renamed into place (rank 0 only)
     ACTION  kill    SIGKILL this process
@@ -40,10 +40,9 @@ import torch
 import torch.distributed as dist
 
 import hf_storage
-import hf_storage._io as hio
-import hf_storage.api as hapi
-import hf_storage.commit as hcommit
-import hf_storage.writer as hwriter
+import hf_storage.engine as hengine
+import hf_storage.pipeline as hpipeline
+import hf_storage.publish as hpublish
 
 MAX_SHARD = 400  # bytes: the small state dict spans several files
 
@@ -68,7 +67,7 @@ def expected(kind: str, gen: int) -> dict[str, torch.Tensor]:
         if dtype.is_floating_point:
             out[name] = torch.randn(shape, generator=g).to(dtype)
         else:
-            out[name] = torch.randint(-2**40, 2**40, shape, generator=g, dtype=dtype)
+            out[name] = torch.randint(-(2**40), 2**40, shape, generator=g, dtype=dtype)
     return out
 
 
@@ -108,8 +107,12 @@ class Fault:
 
     def install(self) -> None:
         """Wrap the library functions at the fault point (module attributes are looked up at call time)."""
-        create, write_chunks, pwrite_all, publish = (hwriter.create_files, hwriter.write_chunks,
-                                                     hio.pwrite_all, hcommit.publish)
+        create, write_chunks, pwrite_all, publish = (
+            hpipeline.create_files,
+            hpipeline.write,
+            hengine.pwrite_all,
+            hpublish.publish,
+        )
 
         def create_files(*a, **k):
             self.fire("create")
@@ -134,17 +137,17 @@ class Fault:
             return publish(*a, **k)
 
         if self.point == "swap":
-            hcommit._exchange = lambda a, b: False  # renameat2(RENAME_EXCHANGE) unsupported here
-            hcommit.os = _RenameHook(lambda dst: self.fire("swap") if str(dst).endswith(".old") else None)
+            hpublish._swap = lambda a, b: False  # renameat2(RENAME_EXCHANGE) unsupported here
+            hpublish.os = _RenameHook(lambda dst: self.fire("swap") if str(dst).endswith(".old") else None)
 
-        hapi.create_files = hwriter.create_files = create_files
-        hapi.write_chunks = hwriter.write_chunks = chunks
-        hio.pwrite_all = pwrite
-        hcommit.publish = publish_
+        hpipeline.create_files = create_files
+        hpipeline.write = chunks
+        hengine.pwrite_all = pwrite
+        hpublish.publish = publish_
 
 
 class _RenameHook:
-    """Stands in for ``os`` inside hf_storage.commit only: ``rename`` calls ``after(dst)`` once it is done."""
+    """Stands in for ``os`` inside hf_storage.publish only: ``rename`` calls ``after(dst)`` once it is done."""
 
     def __init__(self, after):
         self._after = after
@@ -161,7 +164,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--path", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--api", choices=("save", "dcp"), default="save")
+    ap.add_argument("--api", choices=("save", "dcp", "async"), default="save")
     ap.add_argument("--kind", choices=tuple(SPECS), default="small")
     ap.add_argument("--gen", type=int, default=1)
     ap.add_argument("--fault", default=None)
@@ -176,6 +179,8 @@ def save(args, mesh) -> None:
     shard = MAX_SHARD if args.kind == "small" else None
     if args.api == "save":
         hf_storage.save(sd, args.path, max_shard_size=shard, thread_count=2)
+    elif args.api == "async":  # the fault fires on the background thread
+        hf_storage.async_save(sd, args.path, max_shard_size=shard, thread_count=2).result()
     else:
         import torch.distributed.checkpoint as dcp
 

@@ -89,8 +89,7 @@ def shard(full: torch.Tensor, mesh, pname: str) -> DTensor:
     local = full
     for d, (o, s) in enumerate(zip(offsets, sizes)):
         local = local.narrow(d, o, s)
-    return DTensor.from_local(local.clone(), mesh, placements, shape=full.shape, stride=full.stride(),
-                              run_check=False)
+    return DTensor.from_local(local.clone(), mesh, placements, shape=full.shape, stride=full.stride(), run_check=False)
 
 
 def state_dict(mesh, pname: str, *, empty: bool = False) -> dict:
@@ -98,7 +97,9 @@ def state_dict(mesh, pname: str, *, empty: bool = False) -> dict:
     for name, dt, shape in case_names():
         full = reference(name, dt, shape)
         if empty:
-            full = torch.zeros_like(full) if dt != torch.bool else torch.zeros(shape, dtype=torch.bool)
+            full = (
+                torch.zeros(full.numel() * full.element_size(), dtype=torch.uint8).view(dt).reshape(shape)
+            )  # any dtype
         sd[name] = shard(full, mesh, pname)
     return sd
 
@@ -128,8 +129,12 @@ def save_worker(rank: int, world_size: int, root: str, pnames: list[str]) -> Non
         mesh = make_mesh(world_size, p)
         sd = state_dict(mesh, p)
         hf_storage.save(sd, f"{root}/verb-ws{world_size}-{p}", max_shard_size="4KB")
-        dcp_save(sd, storage_writer=hf_storage.HuggingFaceStorageWriter(
-            f"{root}/dcp-ws{world_size}-{p}", max_shard_size="4KB", save_distributed=True))
+        dcp_save(
+            sd,
+            storage_writer=hf_storage.HuggingFaceStorageWriter(
+                f"{root}/dcp-ws{world_size}-{p}", max_shard_size="4KB", save_distributed=True
+            ),
+        )
         dist.barrier()
 
 

@@ -111,24 +111,27 @@ def test_removed_group_or_seed_is_named():
         check_config(compose_app("save", "~seed"))
 
 
-@pytest.mark.parametrize("app,override,needles", [
-    ("save", "output.overwrite=maybe", ["output.overwrite=maybe", "error, replace"]),
-    ("save", "placement.device=tpu", ["auto, cuda, cpu"]),
-    ("save", "model.num_hidden_layers=abc", ["num_hidden_layers"]),
-    ("save", "model.hidden_sise=64", ["hidden_sise"]),
-    ("save", "source=s3", ["source"]),
-    ("save", "seed=abc", ["seed=abc", "'abc'", "Integer"]),
-    ("save", "seed=1.5", ["seed=1.5", "Integer"]),
-    ("save", "model.torch_dtype=float7", ["'float7'", "float32, bfloat16"]),
-    ("save", "output.dtype=int4", ["'int4'", "bf16"]),
-    ("save", "output.durable=sometimes", ["output.durable", "not a valid bool"]),
-    ("save", "output.thread_count=many", ["output.thread_count", "Integer"]),
-    ("save", "seeed=1", ["seeed", "SaveConfig"]),
-    ("save", "compare=random", ["compare", "SaveConfig"]),  # a load key is not a save key
-    ("load", "compare=yes", ["compare=yes", "none, random"]),
-    ("load", "dtype=float7", ["dtype=float7", "float32, bfloat16"]),
-    ("load", "seed=abc", ["seed=abc", "Integer"]),
-])
+@pytest.mark.parametrize(
+    "app,override,needles",
+    [
+        ("save", "output.overwrite=maybe", ["output.overwrite=maybe", "error, replace"]),
+        ("save", "placement.device=tpu", ["auto, cuda, cpu"]),
+        ("save", "model.num_hidden_layers=abc", ["num_hidden_layers"]),
+        ("save", "model.hidden_sise=64", ["hidden_sise"]),
+        ("save", "source=s3", ["source"]),
+        ("save", "seed=abc", ["seed=abc", "'abc'", "Integer"]),
+        ("save", "seed=1.5", ["seed=1.5", "Integer"]),
+        ("save", "model.torch_dtype=float7", ["'float7'", "float32, bfloat16"]),
+        ("save", "output.dtype=int4", ["'int4'", "bf16"]),
+        ("save", "output.durable=sometimes", ["output.durable", "not a valid bool"]),
+        ("save", "output.thread_count=many", ["output.thread_count", "Integer"]),
+        ("save", "seeed=1", ["seeed", "SaveConfig"]),
+        ("save", "compare=random", ["compare", "SaveConfig"]),  # a load key is not a save key
+        ("load", "compare=yes", ["compare=yes", "none, random"]),
+        ("load", "dtype=float7", ["dtype=float7", "float32, bfloat16"]),
+        ("load", "seed=abc", ["seed=abc", "Integer"]),
+    ],
+)
 def test_bad_types_and_choices_fail_at_composition_naming_the_key(app, override, needles):
     with pytest.raises(HydraException) as e:
         compose_app(app, override)
@@ -136,11 +139,14 @@ def test_bad_types_and_choices_fail_at_composition_naming_the_key(app, override,
     assert all(n in text for n in needles), text
 
 
-@pytest.mark.parametrize("override,error,needle", [
-    ("model.num_attention_heads=5", ModelConfigError, "num_attention_heads=5"),
-    ("model.num_key_value_heads=3", ModelConfigError, "num_key_value_heads=3"),
-    ("model.vocab_size=0", ModelConfigError, "vocab_size=0"),
-])
+@pytest.mark.parametrize(
+    "override,error,needle",
+    [
+        ("model.num_attention_heads=5", ModelConfigError, "num_attention_heads=5"),
+        ("model.num_key_value_heads=3", ModelConfigError, "num_key_value_heads=3"),
+        ("model.vocab_size=0", ModelConfigError, "vocab_size=0"),
+    ],
+)
 def test_bad_values_fail_before_any_process_group(override, error, needle):
     with pytest.raises(error) as e:
         check_config(compose_app("save", override))
@@ -170,16 +176,23 @@ def test_jobs_primary_extends_the_save_schema_without_changing_its_values():
     assert top == OmegaConf.to_container(save)
 
 
-@pytest.mark.parametrize("dp,tp,world,expect", [(-1, 1, 4, (4, 1)), (-1, 2, 4, (2, 2)), (1, -1, 2, (1, 2)),
-                                                (2, 2, 4, (2, 2))])
+@pytest.mark.parametrize(
+    "dp,tp,world,expect", [(-1, 1, 4, (4, 1)), (-1, 2, 4, (2, 2)), (1, -1, 2, (1, 2)), (2, 2, 4, (2, 2))]
+)
 def test_parallel_degrees(dp, tp, world, expect):
     cfg = compose_app("save", f"parallel.dp_shard={dp}", f"parallel.tp={tp}")
     assert resolve_degrees(cfg.parallel, world, cfg.model) == expect
 
 
-@pytest.mark.parametrize("dp,tp,world,needle", [(3, 1, 4, "does not divide the world"),
-                                                (-1, 4, 4, "num_key_value_heads=2"),
-                                                (-1, -1, 4, "both -1"), (0, 1, 1, "must be >= 1")])
+@pytest.mark.parametrize(
+    "dp,tp,world,needle",
+    [
+        (3, 1, 4, "does not divide the world"),
+        (-1, 4, 4, "num_key_value_heads=2"),
+        (-1, -1, 4, "both -1"),
+        (0, 1, 1, "must be >= 1"),
+    ],
+)
 def test_bad_parallel_degrees(dp, tp, world, needle):
     cfg = compose_app("save", f"parallel.dp_shard={dp}", f"parallel.tp={tp}")
     with pytest.raises(WorldError, match=needle):
@@ -234,14 +247,17 @@ def test_save_config_is_composable_from_another_primary(tmp_path: Path):
     (tmp_path / "cluster").mkdir()
     (tmp_path / "cluster" / "fake.yaml").write_text("nodes_from: world\n")
     (tmp_path / "untyped.yaml").write_text("defaults:\n  - save\n  - cluster: fake\n  - _self_\njob_name: x\n")
-    (tmp_path / "probe.yaml").write_text("defaults:\n  - save\n  - probe_schema\n  - cluster: fake\n  - _self_\n"
-                                         "job_name: x\n")
+    (tmp_path / "probe.yaml").write_text(
+        "defaults:\n  - save\n  - probe_schema\n  - cluster: fake\n  - _self_\njob_name: x\n"
+    )
     with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"), pytest.raises(HydraException) as e:
         compose(config_name="untyped", overrides=[f"hydra.searchpath=[file://{CONFIG_DIR}]", "+model=tiny"])
     assert "cluster" in error_text(e.value)
     with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
-        cfg = compose(config_name="probe", overrides=[f"hydra.searchpath=[file://{CONFIG_DIR}]", "+model=tiny",
-                                                      "world=2x8", "output.dir=/ckpt/x"])
+        cfg = compose(
+            config_name="probe",
+            overrides=[f"hydra.searchpath=[file://{CONFIG_DIR}]", "+model=tiny", "world=2x8", "output.dir=/ckpt/x"],
+        )
     assert cfg.cluster.nodes_from == "world" and cfg.job_name == "x"
     assert (cfg.world.nnodes, cfg.world.nproc_per_node, cfg.output.dir) == (2, 8, "/ckpt/x")
     check_config(cfg)

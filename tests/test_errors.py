@@ -18,7 +18,7 @@ from hf_storage import (
     StateDictMismatchError,
     UnsupportedEntryError,
 )
-from hf_storage.commit import staging_path
+from hf_storage.publish import staging_dirs
 
 
 def small():
@@ -31,7 +31,7 @@ def test_non_tensor_entries_are_refused_before_any_byte_is_written(tmp_path):
     with pytest.raises(UnsupportedEntryError) as e:
         hf_storage.save(sd, out)
     assert "'opt.lr'" in str(e.value) and "'step'" in str(e.value)
-    assert not out.exists() and not staging_path(out).exists()
+    assert not out.exists() and not staging_dirs(out)
 
 
 def test_dcp_writer_names_every_non_tensor_key_and_writes_nothing(tmp_path):
@@ -40,7 +40,7 @@ def test_dcp_writer_names_every_non_tensor_key_and_writes_nothing(tmp_path):
     with pytest.raises(CheckpointException) as e:  # DCP wraps each rank's error
         dcp.save(sd, storage_writer=HuggingFaceStorageWriter(str(out)))
     assert "'note'" in str(e.value) and "'step'" in str(e.value)
-    assert not out.exists() and not staging_path(out).exists()
+    assert not out.exists() and not staging_dirs(out)
 
 
 def test_unsupported_dtype_is_named(tmp_path):
@@ -82,7 +82,7 @@ def test_replace_is_atomic_and_keeps_foreign_files(tmp_path):
 
 def test_leftover_staging_from_an_interrupted_save_is_cleaned(tmp_path):
     out = tmp_path / "x"
-    st = staging_path(out)
+    st = out.parent / f".{out.name}.staging-0123456789ab"  # as a killed save leaves it
     st.mkdir()
     (st / "model-00001-of-00002.safetensors").write_bytes(b"junk")
     hf_storage.save(small(), out)

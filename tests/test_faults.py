@@ -34,8 +34,8 @@ import pytest
 import torch
 
 import hf_storage
-from hf_storage.commit import staging_path
 from hf_storage.layout import INDEX_NAME
+from hf_storage.publish import staging_dirs
 from hf_storage.verify import verify
 from tests.fault_worker import MAX_SHARD, SPECS, expected
 from tests.matrix import same_bits
@@ -103,21 +103,47 @@ def _kill_leftovers(proc: subprocess.Popen, out: Path) -> None:
             pass
 
 
-def torchrun(workdir: Path, path: Path, *, nproc: int = 2, restarts: int = 0, pg_timeout: float = PG_TIMEOUT_S,
-             env: dict[str, str] | None = None, **opts) -> Run:
+def torchrun(
+    workdir: Path,
+    path: Path,
+    *,
+    nproc: int = 2,
+    restarts: int = 0,
+    pg_timeout: float = PG_TIMEOUT_S,
+    env: dict[str, str] | None = None,
+    **opts,
+) -> Run:
     """Run tests/fault_worker.py on ``nproc`` ranks; ``opts`` become its ``--options``."""
     out, logs = workdir / "out", workdir / "logs"
     out.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           f"--max-restarts={restarts}", "--log-dir", str(logs), "--redirects", "3",
-           "-m", "tests.fault_worker", "--path", str(path), "--out", str(out), "--pg-timeout", str(pg_timeout)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={restarts}",
+        "--log-dir",
+        str(logs),
+        "--redirects",
+        "3",
+        "-m",
+        "tests.fault_worker",
+        "--path",
+        str(path),
+        "--out",
+        str(out),
+        "--pg-timeout",
+        str(pg_timeout),
+    ]
     for key, value in opts.items():
         flag = "--" + key.replace("_", "-")
         cmd += [flag] if value is True else [flag, str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     start = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=LIMIT_S)
     except subprocess.TimeoutExpired:
@@ -147,16 +173,22 @@ def assert_untouched(path: Path, before: dict[str, bytes], kind: str, gen: int, 
     assert_loads(path, kind, gen)
     stray = [p for p in path.parent.rglob(INDEX_NAME) if p.parent != path]
     if staged_index:  # killed inside publish: the staged copy is complete but hidden, and never at the path
-        stray = [p for p in stray if p.parent != staging_path(path)]
+        stray = [p for p in stray if p.parent not in staging_dirs(path)]
     assert not stray, f"an index appeared outside the previous checkpoint: {stray}"
 
 
 def assert_next_save_recovers(path: Path, kind: str = "small", gen: int = 3) -> None:
     """A clean (single-process) save over the leftovers succeeds, removes the staging and is complete."""
     hf_storage.save(expected(kind, gen), path, max_shard_size=MAX_SHARD if kind == "small" else None)
-    assert not staging_path(path).exists(), "the next save left the failed save's staging directory behind"
+    assert not staging_dirs(path), "the next save left the failed save's staging directory behind"
+    assert not (path.parent / f".{path.name}.lock").exists(), "the lock file outlived the saves"
+    assert not ours_in_dev_shm(), "row assembly left a shared-memory name behind"
     assert (path / INDEX_NAME).is_file()
     assert_loads(path, kind, gen)
+
+
+def ours_in_dev_shm() -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if n.startswith("hf_storage")] if os.path.isdir("/dev/shm") else []
 
 
 def assert_names(text: str, *needles: str) -> None:
@@ -215,6 +247,7 @@ KILLS = [
     pytest.param("save", "create", 0, id="planning-rank0-at-file-creation", marks=pytest.mark.slow),
     pytest.param("save", "write", 1, id="mid-write-rank1"),
     pytest.param("dcp", "write", 1, id="dcp-mid-write-rank1", marks=pytest.mark.slow),
+    pytest.param("async", "write", 1, id="async-mid-background-write-rank1"),
     pytest.param("save", "report", 1, id="rank1-written-before-report", marks=pytest.mark.slow),
     pytest.param("save", "publish", 0, id="rank0-commit-before-publish", marks=pytest.mark.slow),
     pytest.param("dcp", "publish", 0, id="dcp-rank0-commit-before-publish", marks=pytest.mark.slow),
@@ -231,7 +264,7 @@ def test_sigkill_of_one_rank_keeps_the_previous_checkpoint(previous, tmp_path, a
     assert re.search(rf"local_rank: {rank}\)", run.output) and "SIGKILL" in run.output, run.describe()
     assert rank not in run.records(), "the killed rank cannot have finished"
     assert_untouched(path, before, "small", 1, staged_index=point == "publish")
-    assert staging_path(path).is_dir(), "a killed save leaves its staging directory for the next save to clean"
+    assert len(staging_dirs(path)) == 1, "a killed save leaves its staging directory for the next save to clean"
     assert_next_save_recovers(path)
 
 
@@ -259,12 +292,12 @@ def test_a_crash_between_the_fallback_renames_leaves_both_checkpoints(swap_crash
     path = _copy_state(path, tmp_path)
     old = path.parent / f".{path.name}.old"
     assert not path.exists(), "the crash window of the two-rename fallback: the path is briefly empty"
-    assert snapshot(old) == before and (staging_path(path) / INDEX_NAME).is_file()
+    [staged] = staging_dirs(path)
+    assert snapshot(old) == before and (staged / INDEX_NAME).is_file()
     assert_loads(old, "small", 1)
-    assert_loads(staging_path(path), "small", 2)
+    assert_loads(staged, "small", 2)
     assert_next_save_recovers(path)
     assert not old.exists()
-
 
 
 @pytest.mark.slow
@@ -297,11 +330,11 @@ def test_enospc_at_write_is_named_on_every_rank_and_publishes_nothing(enospc_run
     for rank, rec in recs.items():
         assert_names(rec["message"], ENOSPC_TEXT)
         if rank != 1:  # the others say who failed
-            assert rec["type"] == "HFStorageError" and rank_named(rec["message"], 1), rec
+            assert rec["type"] == "SaveError" and rank_named(rec["message"], 1), rec
         assert_names(run.stderr(rank), ENOSPC_TEXT)
         assert rank_named(run.stderr(rank), 1), f"rank {rank}'s stderr does not name rank 1"
     assert_untouched(path, before, "small", 1)
-    assert not staging_path(path).exists(), "a save that failed with an error (not a crash) aborts its staging"
+    assert not staging_dirs(path), "a save that failed with an error (not a crash) aborts its staging"
     assert_next_save_recovers(path)
 
 
@@ -322,7 +355,7 @@ def test_enospc_on_a_real_full_tmpfs(tmp_path):
             assert_names(rec["message"], ENOSPC_TEXT)
             assert_names(run.stderr(rank), ENOSPC_TEXT)
         assert_untouched(path, before, "tiny", 1)
-        assert not staging_path(path).exists(), "the failed save must free the space its staging took"
+        assert not staging_dirs(path), "the failed save must free the space its staging took"
         assert_next_save_recovers(path, "tiny", 3)
 
 
@@ -354,7 +387,7 @@ def test_readonly_target_is_named_on_every_rank_and_publishes_nothing(readonly_r
     assert sorted(recs) == [0, 1] and all(r["status"] == "error" for r in recs.values()), run.describe()
     for rec in recs.values():
         assert_names(rec["message"], EROFS_TEXT, "model.staging")
-    assert recs[1]["type"] == "HFStorageError" and rank_named(recs[1]["message"], 0), recs[1]
+    assert recs[1]["type"] == "SaveError" and rank_named(recs[1]["message"], 0), recs[1]
     for rank in recs:
         assert_names(run.stderr(rank), EROFS_TEXT)
     assert after == before and not stray, (stray, sorted(after))
@@ -370,15 +403,23 @@ FRESH_STORE_PER_ROUND = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 @pytest.mark.slow
 def test_max_restarts_1_completes_the_save_after_a_killed_rank(previous, tmp_path):
-    run, path, _ = run_over(previous, tmp_path, restarts=1, gen=2, fault="write:kill", fault_rank=1,
-                            first_attempt_only=True, env=FRESH_STORE_PER_ROUND)
+    run, path, _ = run_over(
+        previous,
+        tmp_path,
+        restarts=1,
+        gen=2,
+        fault="write:kill",
+        fault_rank=1,
+        first_attempt_only=True,
+        env=FRESH_STORE_PER_ROUND,
+    )
 
     assert run.rc == 0, run.describe()
     assert run.fault is not None and run.fault["rank"] == 1, "attempt 0 must have been killed"
     assert 1 not in run.records(0)
     recs = run.records(1)
     assert sorted(recs) == [0, 1] and all(r["status"] == "ok" for r in recs.values()), run.describe()
-    assert not staging_path(path).exists()
+    assert not staging_dirs(path)
     assert_loads(path, "small", 2)
     report = verify(path)
     assert report.ok and report.checksummed == len(SPECS["small"]), report.format()
@@ -410,16 +451,15 @@ def test_an_error_on_rank_1_is_reported_by_rank_0_and_rank_1(error_run):
     assert_next_save_recovers(path)
 
 
-
 def test_the_rank_that_ran_out_of_space_raises_a_rank_tagged_hfstorageerror(enospc_run):
     failing = enospc_run[0].records()[1]
-    assert failing["type"] == "HFStorageError" and rank_named(failing["message"], 1), failing
+    assert failing["type"] == "SaveError" and rank_named(failing["message"], 1), failing
 
 
 @pytest.mark.slow
 def test_the_rank_that_hit_the_readonly_target_raises_a_rank_tagged_hfstorageerror(readonly_run):
     failing = readonly_run[0].records()[0]
-    assert failing["type"] == "HFStorageError" and rank_named(failing["message"], 0), failing
+    assert failing["type"] == "SaveError" and rank_named(failing["message"], 0), failing
 
 
 HANG_TIMEOUT_S = 15.0
@@ -428,8 +468,9 @@ HANG_TIMEOUT_S = 15.0
 @pytest.fixture(scope="module")
 def hang_run(previous, tmp_path_factory) -> tuple[Run, Path, dict[str, bytes]]:
     """Rank 1 blocks forever in its first write (a stuck filesystem); the collective timeout is 15 s."""
-    return run_over(previous, tmp_path_factory.mktemp("hang"), gen=2, fault="write:hang", fault_rank=1,
-                    pg_timeout=HANG_TIMEOUT_S)
+    return run_over(
+        previous, tmp_path_factory.mktemp("hang"), gen=2, fault="write:hang", fault_rank=1, pg_timeout=HANG_TIMEOUT_S
+    )
 
 
 @pytest.mark.slow
@@ -440,7 +481,6 @@ def test_a_hung_rank_ends_the_job_within_the_collective_timeout(hang_run):
     assert run.records()[0]["status"] == "error", run.describe()
     assert_untouched(path, before, "small", 1)
     assert_next_save_recovers(path)
-
 
 
 @pytest.mark.slow

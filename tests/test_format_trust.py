@@ -72,8 +72,7 @@ def best_of(fn, tries: int = 3) -> float:
 
 
 def _many_dims_header(ndim: int, dim: int = 2) -> bytes:
-    return (b'{"a":{"dtype":"F32","shape":[' + b",".join([str(dim).encode()] * ndim)
-            + b'],"data_offsets":[0,8]}}')
+    return b'{"a":{"dtype":"F32","shape":[' + b",".join([str(dim).encode()] * ndim) + b'],"data_offsets":[0,8]}}'
 
 
 @pytest.mark.parametrize("ndim,dim", [(10**6, 2), (200_000, 2), (10**6, 1)])
@@ -120,8 +119,11 @@ def test_64_dims_are_accepted_65_refused(tmp_path: Path):
 def test_forged_values_give_short_messages():
     """A megabyte tensor name or dtype string is cut in the message, not echoed whole on every rank."""
     name = "n" * 10**6
-    for bad in ({name: entry("F32", [3], 0, 8)}, {"a": entry("X" * 10**6, [2], 0, 8)},
-                {"a": entry("F32", ["x"] * 60, 0, 8)}):
+    for bad in (
+        {name: entry("F32", [3], 0, 8)},
+        {"a": entry("X" * 10**6, [2], 0, 8)},
+        {"a": entry("F32", ["x"] * 60, 0, 8)},
+    ):
         raw = json.dumps(bad).encode()
         with pytest.raises(CheckpointFormatError) as e:
             header.decode(raw, 8 + len(raw) + 8)
@@ -153,12 +155,13 @@ def test_the_dtype_table_matches_the_installed_safetensors(dtype: torch.dtype):
     try:
         t = torch.zeros((2, 4), dtype=dtype)
         from safetensors.torch import save as st_save
+
         blob = st_save({"x": t})
     except Exception:  # noqa: BLE001 - quantized / bit types torch cannot build, or safetensors cannot name
         assert dtype not in dtypes.SUPPORTED_DTYPES
         return
     (n,) = struct.unpack("<Q", blob[:8])
-    got = json.loads(blob[8:8 + n])["x"]
+    got = json.loads(blob[8 : 8 + n])["x"]
     assert dtype in dtypes.SUPPORTED_DTYPES
     assert got["dtype"] == dtypes.to_safetensors(dtype)
     assert tuple(got["shape"]) == dtypes.header_shape(dtype, (2, 4))
@@ -183,8 +186,11 @@ SHAPES = [(4, 8), (2, 3, 5), (1,), (0,), (3, 0)]
 
 @pytest.mark.parametrize("shard", [None, 40])
 def test_mx_scales_and_fp4_round_trip(shard, tmp_path: Path):
-    sd = {f"{str(dt).removeprefix('torch.')}.{i}": random_of(dt, shape, seed=i)
-          for dt in NEW_DTYPES for i, shape in enumerate(SHAPES)}
+    sd = {
+        f"{str(dt).removeprefix('torch.')}.{i}": random_of(dt, shape, seed=i)
+        for dt in NEW_DTYPES
+        for i, shape in enumerate(SHAPES)
+    }
     sd["w"] = torch.randn(3, 5)
     path = tmp_path / "ckpt"
     hf_storage.save(sd, path, max_shard_size=shard, thread_count=1)
@@ -229,13 +235,16 @@ def test_a_0_dim_fp4_tensor_is_refused_before_writing(tmp_path: Path):
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize("dtype,shape,nbytes,match", [
-    ("F4", [3], 2, "holds 12 bits, not a whole number of bytes"),
-    ("F4", [], 1, "holds 4 bits, not a whole number of bytes"),
-    ("F6_E3M2", [1], 1, "holds 6 bits"),
-    ("F4", [4], 4, "span 4 bytes but shape [4] of F4 needs 2"),
-    ("F6", [4], 3, "unknown safetensors dtype 'F6'"),
-])
+@pytest.mark.parametrize(
+    "dtype,shape,nbytes,match",
+    [
+        ("F4", [3], 2, "holds 12 bits, not a whole number of bytes"),
+        ("F4", [], 1, "holds 4 bits, not a whole number of bytes"),
+        ("F6_E3M2", [1], 1, "holds 6 bits"),
+        ("F4", [4], 4, "span 4 bytes but shape [4] of F4 needs 2"),
+        ("F6", [4], 3, "unknown safetensors dtype 'F6'"),
+    ],
+)
 def test_sub_byte_sizes_are_checked_in_bits(dtype, shape, nbytes, match, tmp_path: Path):
     (tmp_path / SINGLE).write_bytes(st_bytes({"x": entry(dtype, shape, 0, nbytes)}, b"\0" * nbytes))
     with pytest.raises(CheckpointFormatError, match=r"tensor 'x'.*" + match.replace("[", r"\[").replace("]", r"\]")):
@@ -337,7 +346,10 @@ def test_big_endian_hosts_are_refused(tmp_path: Path, monkeypatch):
     with pytest.raises(HFStorageError, match="big-endian"):
         hf_storage.save({"w": torch.ones(2)}, tmp_path / "other", thread_count=1)
     assert not (tmp_path / "other").exists()
-    for attempt in (lambda: open_checkpoint(path), lambda: hf_storage.load({"w": torch.zeros(2)}, path),
-                    lambda: HuggingFaceStorageReader(path).read_metadata()):
+    for attempt in (
+        lambda: open_checkpoint(path),
+        lambda: hf_storage.load({"w": torch.zeros(2)}, path),
+        lambda: HuggingFaceStorageReader(path).read_metadata(),
+    ):
         with pytest.raises(HFStorageError, match="big-endian"):
             attempt()

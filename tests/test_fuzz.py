@@ -99,14 +99,17 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=12,
 )
-entry_like = st.dictionaries(st.sampled_from(["dtype", "shape", "data_offsets", "extra"]),
-                             json_values | st.sampled_from(ST_NAMES) | st.lists(st.integers(-2, 8), max_size=3),
-                             max_size=4)
+entry_like = st.dictionaries(
+    st.sampled_from(["dtype", "shape", "data_offsets", "extra"]),
+    json_values | st.sampled_from(ST_NAMES) | st.lists(st.integers(-2, 8), max_size=3),
+    max_size=4,
+)
 
 
 @FAST
-@given(st.dictionaries(tensor_names | st.just("__metadata__"), entry_like | json_values, max_size=4),
-       st.integers(0, 4096))
+@given(
+    st.dictionaries(tensor_names | st.just("__metadata__"), entry_like | json_values, max_size=4), st.integers(0, 4096)
+)
 def test_random_json_headers_raise_only_format_errors(obj, data_size):
     """Type confusion: entries with random keys and values of every JSON type."""
     raw = json.dumps(obj).encode()
@@ -129,9 +132,15 @@ def _mutate(raw: bytes, mutations) -> bytes:
 
 
 @FAST
-@given(valid_headers(), st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(["flip", "del", "ins"]),
-                                           st.integers(0, 255)), min_size=1, max_size=4),
-       st.integers(-16, 16))
+@given(
+    valid_headers(),
+    st.lists(
+        st.tuples(st.integers(0, 10**6), st.sampled_from(["flip", "del", "ins"]), st.integers(0, 255)),
+        min_size=1,
+        max_size=4,
+    ),
+    st.integers(-16, 16),
+)
 def test_mutated_headers_raise_only_format_errors(h, mutations, size_delta):
     entries, meta, data_size = h
     raw = _mutate(header.encode(entries, meta)[8:], mutations)
@@ -268,7 +277,11 @@ def _random_tensor(draw, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Te
     if dtype == torch.bool:
         return torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=torch.bool).reshape(shape)
     raw = draw(st.binary(min_size=n * itemsize(dtype), max_size=n * itemsize(dtype)))
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape) if n else torch.empty(shape, dtype=dtype)
+    return (
+        torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+        if n
+        else torch.empty(shape, dtype=dtype)
+    )
 
 
 @st.composite
@@ -303,12 +316,16 @@ def test_save_load_round_trip_is_bitwise(sd, max_shard_size):
         assert report.clean and report.checksummed == len(sd), report.format()
 
 
-
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> tuple[dict[str, bytes], dict[str, bytes]]:
     """A small saved checkpoint as ``{file name: bytes}``, and each tensor's raw bytes."""
-    sd = {"embed": torch.randn(8, 4), "layers.0.w": torch.arange(12, dtype=torch.int32).reshape(3, 4),
-          "layers.0.b": torch.randn(4).half(), "layers.1.w": torch.randn(2, 2, 2).bfloat16(), "step": torch.tensor(7)}
+    sd = {
+        "embed": torch.randn(8, 4),
+        "layers.0.w": torch.arange(12, dtype=torch.int32).reshape(3, 4),
+        "layers.0.b": torch.randn(4).half(),
+        "layers.1.w": torch.randn(2, 2, 2).bfloat16(),
+        "step": torch.tensor(7),
+    }
     path = tmp_path_factory.mktemp("pristine") / "ckpt"
     hf_storage.save(sd, path, max_shard_size=100, thread_count=1)
     return {p.name: p.read_bytes() for p in path.iterdir()}, {k: _bits(v) for k, v in sd.items()}
@@ -321,8 +338,13 @@ def test_verify_ok_means_the_data_is_intact(pristine, data):
     problem; whenever verify passes, every tensor's bytes are the original ones (no silent corruption)."""
     files, original = pristine
     victim = data.draw(st.sampled_from(sorted(files)))
-    mutations = data.draw(st.lists(st.tuples(st.integers(-300, 10**5), st.sampled_from(["flip", "del", "ins"]),
-                                             st.integers(0, 255)), min_size=1, max_size=3))
+    mutations = data.draw(
+        st.lists(
+            st.tuples(st.integers(-300, 10**5), st.sampled_from(["flip", "del", "ins"]), st.integers(0, 255)),
+            min_size=1,
+            max_size=3,
+        )
+    )
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         for name, raw in files.items():

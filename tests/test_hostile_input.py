@@ -29,6 +29,7 @@ import torch
 
 import hf_storage
 from hf_storage import CheckpointFormatError, HuggingFaceStorageReader, open_checkpoint
+from hf_storage.box import Box
 from hf_storage.header import MAX_HEADER_BYTES
 from hf_storage.layout import INDEX_NAME
 from hf_storage.verify import verify
@@ -63,15 +64,18 @@ def indexed(weight_map: dict, files: dict[str, bytes], index: bytes | None = Non
             (d / name).write_bytes(content)
         body = index if index is not None else json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
         (d / INDEX_NAME).write_bytes(body)
+
     return build
 
 
 def sparse(name: str, size: int, prefix: bytes) -> Callable[[Path], None]:
     """A file of ``size`` bytes on disk that holds only ``prefix``: big claims without big disks."""
+
     def build(d: Path) -> None:
         with open(d / name, "wb") as f:
             f.write(prefix)
             f.truncate(size)
+
     return build
 
 
@@ -92,19 +96,20 @@ def symlink_loop(d: Path) -> None:
     indexed({"a": "a.safetensors"}, {})(d)
 
 
-
 def fifo(d: Path) -> None:
     os.mkfifo(d / SINGLE)
 
 
 def sharded(pieces: list[tuple[str, int, list[int], str]]) -> Callable[[Path], None]:
     """torch-writer style shard files (no index): ``(file, length, saved_offsets, dtype)`` per piece of 'a'."""
+
     def build(d: Path) -> None:
         for name, n, offs, dtype in pieces:
             info = json.dumps({"a": {"saved_offsets": offs}})
             item = 4 if dtype == "F32" else 2
             head = {"__metadata__": {"DCP_SHARDING_INFO": info}, "a": entry(dtype, (n,), (0, item * n))}
             (d / name).write_bytes(st_bytes(head, b"\x01" * item * n))
+
     return build
 
 
@@ -121,31 +126,48 @@ class Case:
 CASES = [
     # --- file size and header length
     Case("truncated-data", single(GOOD, DATA[:5]), "tensor data ends at byte"),
-    Case("shorter-than-prefix", lambda d: (d / SINGLE).write_bytes(b"\x10\x00\x00"), "too short for a safetensors file"),
+    Case(
+        "shorter-than-prefix", lambda d: (d / SINGLE).write_bytes(b"\x10\x00\x00"), "too short for a safetensors file"
+    ),
     Case("header-length-past-eof", single(GOOD, length=4096), "header length 4096 runs past the end"),
     Case("header-length-over-100MB", single(GOOD, length=2**62), f"exceeds the {MAX_HEADER_BYTES}-byte limit"),
-    Case("header-length-over-100MB-sparse", sparse(SINGLE, MAX_HEADER_BYTES + 2**20, struct.pack("<Q", MAX_HEADER_BYTES + 8)),
-         f"exceeds the {MAX_HEADER_BYTES}-byte limit"),
+    Case(
+        "header-length-over-100MB-sparse",
+        sparse(SINGLE, MAX_HEADER_BYTES + 2**20, struct.pack("<Q", MAX_HEADER_BYTES + 8)),
+        f"exceeds the {MAX_HEADER_BYTES}-byte limit",
+    ),
     # --- header JSON
     Case("header-not-json", single(b"{not json at all"), "header is not valid UTF-8 JSON"),
     Case("header-not-utf8", single(b'{"\xff\xfe":1}'), "header is not valid UTF-8 JSON"),
     Case("header-deeply-nested", single(b"[" * 100_000, b""), "header is not valid UTF-8 JSON"),
     Case("header-is-list", single(b"[1, 2]", b""), "header must be a JSON object, got list"),
     Case("header-is-number", single(b"42", b""), "header must be a JSON object, got int"),
-    Case("header-duplicate-name", single(b'{"a":' + json.dumps(entry()).encode() + b',"a":'
-                                         + json.dumps(entry()).encode() + b"}"), "header names 'a' twice"),
-    Case("huge-integer-in-header", single(b'{"a":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,8]}}'),
-         "header is not valid UTF-8 JSON"),
+    Case(
+        "header-duplicate-name",
+        single(b'{"a":' + json.dumps(entry()).encode() + b',"a":' + json.dumps(entry()).encode() + b"}"),
+        "header names 'a' twice",
+    ),
+    Case(
+        "huge-integer-in-header",
+        single(b'{"a":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,8]}}'),
+        "header is not valid UTF-8 JSON",
+    ),
     # --- tensor entries
     Case("entry-not-object", single({"a": [1, 2, 3]}), "entry must be an object, got list"),
     Case("entry-missing-key", single({"a": {"dtype": "F32", "shape": [2]}}), "missing ['data_offsets']"),
     Case("entry-extra-key", single({"a": {**entry(), "crc": 1}}), "unexpected ['crc']"),
     Case("unknown-dtype", single({"a": entry("F128")}), "unknown safetensors dtype 'F128'"),
     Case("dtype-not-string", single({"a": entry(7)}), "dtype must be a string, got 7"),
-    Case("shape-negative", single({"a": entry(shape=(-2,))}), "shape must be a list of non-negative integers, got [-2]"),
+    Case(
+        "shape-negative", single({"a": entry(shape=(-2,))}), "shape must be a list of non-negative integers, got [-2]"
+    ),
     Case("shape-bool", single({"a": entry(shape=(True, 2))}), "non-negative integers, got [True, 2]"),
     Case("shape-float", single({"a": entry(shape=(2.0,))}), "non-negative integers, got [2.0]"),
-    Case("shape-not-list", single({"a": {"dtype": "F32", "shape": 2, "data_offsets": [0, 8]}}), "non-negative integers, got 2"),
+    Case(
+        "shape-not-list",
+        single({"a": {"dtype": "F32", "shape": 2, "data_offsets": [0, 8]}}),
+        "non-negative integers, got 2",
+    ),
     Case("size-mismatch", single({"a": entry(shape=(3,))}), "span 8 bytes but shape [3] of F32 needs 12"),
     Case("size-mismatch-huge-shape", single({"a": entry(shape=(2**40, 2**40))}), "needs 4835703278458516698824704"),
     # --- data_offsets
@@ -153,61 +175,122 @@ CASES = [
     Case("offsets-negative", single({"a": entry(offsets=(-8, 0))}), "are not 0 <= begin <= end"),
     Case("offsets-bool", single({"a": entry(offsets=(False, 8))}), "data_offsets must be two integers"),
     Case("offsets-three", single({"a": entry(offsets=(0, 4, 8))}), "data_offsets must be two integers"),
-    Case("offsets-overlap", single({"a": entry(), "b": entry(shape=(1,), offsets=(4, 8))}, DATA),
-         "tensor 'b' at data offset 4 overlaps the previous tensor"),
-    Case("offsets-hole", single({"a": entry(), "b": entry(shape=(1,), offsets=(12, 16))}, DATA * 2),
-         "leaves a hole of 4 bytes before it"),
+    Case(
+        "offsets-overlap",
+        single({"a": entry(), "b": entry(shape=(1,), offsets=(4, 8))}, DATA),
+        "tensor 'b' at data offset 4 overlaps the previous tensor",
+    ),
+    Case(
+        "offsets-hole",
+        single({"a": entry(), "b": entry(shape=(1,), offsets=(12, 16))}, DATA * 2),
+        "leaves a hole of 4 bytes before it",
+    ),
     Case("offsets-hole-at-start", single({"a": entry(offsets=(8, 16))}, DATA * 2), "leaves a hole of 8 bytes"),
     Case("offsets-past-eof", single({"a": entry(shape=(2**20,), offsets=(0, 2**22))}), "(truncated?)"),
     Case("trailing-bytes", single(GOOD, DATA + b"junk"), "4 trailing bytes after the last tensor"),
     # --- __metadata__
-    Case("metadata-non-string-value", single({"__metadata__": {"format": "pt", "step": 7}, "a": entry()}),
-         "__metadata__ values must be strings; not so for ['step']"),
+    Case(
+        "metadata-non-string-value",
+        single({"__metadata__": {"format": "pt", "step": 7}, "a": entry()}),
+        "__metadata__ values must be strings; not so for ['step']",
+    ),
     Case("metadata-not-object", single({"__metadata__": ["pt"], "a": entry()}), "__metadata__ must be an object"),
     # --- index JSON
     Case("index-not-json", indexed({}, {F1: st_bytes(GOOD)}, b"{'weight_map': }"), "not valid UTF-8 JSON"),
     Case("index-is-list", indexed({}, {F1: st_bytes(GOOD)}, b'[{"weight_map": {}}]'), "with a 'weight_map' object"),
-    Case("index-without-weight-map", indexed({}, {F1: st_bytes(GOOD)}, b'{"metadata": {}}'), "with a 'weight_map' object"),
-    Case("weight-map-non-string", indexed({"a": 1, "b": [F1]}, {F1: st_bytes(GOOD)}),
-         "weight_map values must be file names; not so for 'a', 'b'"),
-    Case("index-over-100MB", sparse(INDEX_NAME, 100 * 1000 * 1000 + 1, b'{"weight_map": {}}'), "-byte limit for an index"),
-    Case("huge-integer-in-index", indexed({}, {}, b'{"metadata": {"total_size": ' + b"9" * 5000 + b'}, "weight_map": {}}'),
-         "not valid UTF-8 JSON"),
+    Case(
+        "index-without-weight-map", indexed({}, {F1: st_bytes(GOOD)}, b'{"metadata": {}}'), "with a 'weight_map' object"
+    ),
+    Case(
+        "weight-map-non-string",
+        indexed({"a": 1, "b": [F1]}, {F1: st_bytes(GOOD)}),
+        "weight_map values must be file names; not so for 'a', 'b'",
+    ),
+    Case(
+        "index-over-100MB", sparse(INDEX_NAME, 100 * 1000 * 1000 + 1, b'{"weight_map": {}}'), "-byte limit for an index"
+    ),
+    Case(
+        "huge-integer-in-index",
+        indexed({}, {}, b'{"metadata": {"total_size": ' + b"9" * 5000 + b'}, "weight_map": {}}'),
+        "not valid UTF-8 JSON",
+    ),
     # --- file names in the index
-    Case("weight-map-dotdot", indexed({"a": "../x.safetensors"}, {}), "'../x.safetensors' outside the checkpoint directory"),
+    Case(
+        "weight-map-dotdot",
+        indexed({"a": "../x.safetensors"}, {}),
+        "'../x.safetensors' outside the checkpoint directory",
+    ),
     Case("weight-map-absolute", indexed({"a": "/etc/passwd"}, {}), "'/etc/passwd' outside the checkpoint directory"),
     Case("weight-map-backslash", indexed({"a": "..\\x.safetensors"}, {}), "outside the checkpoint directory"),
     Case("weight-map-nul", indexed({"a": "x\0.safetensors"}, {}), "index names an invalid file"),
     Case("weight-map-empty-name", indexed({"a": ""}, {}), "index names an invalid file ''"),
     Case("symlink-outside", outside_symlink, "outside the checkpoint directory"),
     Case("missing-file", indexed({"a": F1, "b": F2}, {F1: st_bytes(GOOD)}), f"checkpoint file '{F2}' is missing"),
-    Case("tensor-absent-from-file", indexed({"a": F1, "ghost": F1}, {F1: st_bytes(GOOD)}),
-         f"the index names tensors their files do not hold: 'ghost (in {F1})'",
-         verify_match="tensor 'ghost': the index places this tensor here, but the file does not hold it"),
-    Case("duplicate-across-files", indexed({"a": F1, "b": F2}, {
-        F1: st_bytes(GOOD), F2: st_bytes({"a": entry(), "b": entry(offsets=(8, 16))}, DATA * 2)}),
-        "tensor 'a' is stored more than once"),
-    Case("weight-map-names-directory", both(lambda d: (d / "sub").mkdir(), indexed({"a": "sub"}, {})),
-         "'sub' is not a regular file"),
+    Case(
+        "tensor-absent-from-file",
+        indexed({"a": F1, "ghost": F1}, {F1: st_bytes(GOOD)}),
+        f"the index names tensors their files do not hold: 'ghost (in {F1})'",
+        verify_match="tensor 'ghost': the index places this tensor here, but the file does not hold it",
+    ),
+    Case(
+        "duplicate-across-files",
+        indexed(
+            {"a": F1, "b": F2},
+            {F1: st_bytes(GOOD), F2: st_bytes({"a": entry(), "b": entry(offsets=(8, 16))}, DATA * 2)},
+        ),
+        "tensor 'a' is stored more than once",
+    ),
+    Case(
+        "weight-map-names-directory",
+        both(lambda d: (d / "sub").mkdir(), indexed({"a": "sub"}, {})),
+        "'sub' is not a regular file",
+    ),
     Case("fifo-instead-of-file", fifo, "is not a regular file"),
     Case("symlink-loop", symlink_loop, "checkpoint file 'a.safetensors'", verify_match="PROBLEM  a.safetensors: "),
-    Case("path-through-a-file", indexed({"a": F1 + "/x.safetensors"}, {F1: st_bytes(GOOD)}),
-         f"checkpoint file '{F1}/x.safetensors'", verify_match=f"PROBLEM  {F1}/x.safetensors: "),
+    Case(
+        "path-through-a-file",
+        indexed({"a": F1 + "/x.safetensors"}, {F1: st_bytes(GOOD)}),
+        f"checkpoint file '{F1}/x.safetensors'",
+        verify_match=f"PROBLEM  {F1}/x.safetensors: ",
+    ),
     # --- torch-writer shard files (DCP_SHARDING_INFO, no index)
-    Case("sharding-info-not-json", single({"__metadata__": {"DCP_SHARDING_INFO": "{oops"}, "a": entry()}),
-         "malformed DCP_SHARDING_INFO"),
-    Case("sharding-info-wrong-rank", single({"__metadata__": {"DCP_SHARDING_INFO": '{"a": {"saved_offsets": [0, 0]}}'},
-                                             "a": entry()}), "offsets [0, 0] for 'a' do not fit its shape"),
-    Case("sharding-info-deeply-nested", single({"__metadata__": {"DCP_SHARDING_INFO": "[" * 100_000}, "a": entry()}),
-         "malformed DCP_SHARDING_INFO"),
-    Case("shards-several-dtypes", sharded([("s0.safetensors", 2, [0], "F32"), ("s1.safetensors", 2, [2], "F16")]),
-         "is stored with several dtypes"),
-    Case("shards-leave-gap", sharded([("s0.safetensors", 2, [0], "F32"), ("s1.safetensors", 2, [3], "F32")]),
-         "do not tile its shape [5]"),
-    Case("shards-overlap-and-hole", sharded([("s0.safetensors", 2, [0], "F32"), ("s1.safetensors", 1, [1], "F32"),
-                                             ("s2.safetensors", 1, [3], "F32")]), "overlap"),
-    Case("dimension-beyond-int64", single({"a": entry(shape=(0, 2**64), offsets=(0, 0))}, b""),
-         "exceeds 9223372036854775807"),
+    Case(
+        "sharding-info-not-json",
+        single({"__metadata__": {"DCP_SHARDING_INFO": "{oops"}, "a": entry()}),
+        "malformed DCP_SHARDING_INFO",
+    ),
+    Case(
+        "sharding-info-wrong-rank",
+        single({"__metadata__": {"DCP_SHARDING_INFO": '{"a": {"saved_offsets": [0, 0]}}'}, "a": entry()}),
+        "offsets [0, 0] for 'a' do not fit its shape",
+    ),
+    Case(
+        "sharding-info-deeply-nested",
+        single({"__metadata__": {"DCP_SHARDING_INFO": "[" * 100_000}, "a": entry()}),
+        "malformed DCP_SHARDING_INFO",
+    ),
+    Case(
+        "shards-several-dtypes",
+        sharded([("s0.safetensors", 2, [0], "F32"), ("s1.safetensors", 2, [2], "F16")]),
+        "is stored with several dtypes",
+    ),
+    Case(
+        "shards-leave-gap",
+        sharded([("s0.safetensors", 2, [0], "F32"), ("s1.safetensors", 2, [3], "F32")]),
+        "do not tile its shape [5]",
+    ),
+    Case(
+        "shards-overlap-and-hole",
+        sharded(
+            [("s0.safetensors", 2, [0], "F32"), ("s1.safetensors", 1, [1], "F32"), ("s2.safetensors", 1, [3], "F32")]
+        ),
+        "overlap",
+    ),
+    Case(
+        "dimension-beyond-int64",
+        single({"a": entry(shape=(0, 2**64), offsets=(0, 0))}, b""),
+        "exceeds 9223372036854775807",
+    ),
     Case("empty-directory", lambda d: None, "no model.safetensors.index.json, no model.safetensors"),
 ]
 
@@ -319,8 +402,12 @@ def test_forged_header_length_allocates_nothing(ckpt_dir: Path):
 
 @pytest.fixture
 def saved(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    sd = {"embed.weight": torch.randn(16, 8), "layers.0.w": torch.arange(24, dtype=torch.int64).reshape(4, 6),
-          "layers.0.b": torch.randn(6).bfloat16(), "scale": torch.tensor(0.5)}
+    sd = {
+        "embed.weight": torch.randn(16, 8),
+        "layers.0.w": torch.arange(24, dtype=torch.int64).reshape(4, 6),
+        "layers.0.b": torch.randn(6).bfloat16(),
+        "scale": torch.tensor(0.5),
+    }
     path = tmp_path / "saved"
     hf_storage.save(sd, path, max_shard_size=400, thread_count=1)
     return path, sd
@@ -377,7 +464,6 @@ def test_verify_on_bad_path_and_stray_files(saved, tmp_path: Path):
     assert report.ok and "files the index does not name" in report.format()
 
 
-
 def test_odd_but_valid_names_pass(ckpt_dir: Path):
     """Legal but odd: a 5000-digit tensor name (more digits than Python's int() converts), an empty name.
     Sorting names for the report must not choke on them."""
@@ -399,7 +485,7 @@ def test_file_truncated_after_the_headers_were_read(saved):
     os.truncate(path / chunk.file, chunk.begin + 10)
     target = torch.empty(16, 8)
     with pytest.raises(CheckpointFormatError, match="unexpected end of file"):
-        bounded(lambda: read_requests(path, [(chunk, target, (0, 0), (16, 8))]), path)
+        bounded(lambda: read_requests(path, [(chunk, target, Box((0, 0), (16, 8)))]), path)
     assert "PROBLEM" in verify(path).format()
 
 

@@ -1,4 +1,4 @@
-"""The byte engine (``hf_storage._io``) alone, one process: every box shape through every path.
+"""The byte engine (``hf_storage.engine``) alone, one process: every box shape through every path.
 
 Each box is written into a file holding the whole tensor and read back; the file bytes are compared with
 the tensor's own bytes, so a misplaced run, a wrong window or a torn block fails. Budgets are tiny so that
@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-from hf_storage import _io
+from hf_storage import engine
+from hf_storage.box import Box
 from hf_storage.errors import CheckpointFormatError
 
 BOXES = [  # (global shape, offsets, sizes)
@@ -58,10 +59,12 @@ def test_write_then_read_box(tmp_path, box, dtype, mapped):
         f.truncate(BASE + nbytes)
     src = box_of(full, offsets, sizes).contiguous()
     budget = 256  # a few rows per staging block and per mapped window
-    with _io.IOPool(2) as pool:
+    with engine.IOPool(2) as pool:
         fd = os.open(path, os.O_RDWR)
         try:
-            n = _io.write_box(pool, _io.Staging(budget), fd, src, BASE, shape, offsets, sizes, mapped=mapped)
+            n = engine.write_box(
+                pool, engine.HostBuffer(budget), engine.Place(fd, BASE, shape), src, Box(offsets, sizes), mapped=mapped
+            )
             pool.drain()
         finally:
             os.close(fd)
@@ -75,10 +78,18 @@ def test_write_then_read_box(tmp_path, box, dtype, mapped):
     transposed = torch.empty(tuple(reversed(sizes)), dtype=dtype).permute(reverse)
     for target in (torch.empty(sizes, dtype=dtype), transposed):
         # a contiguous target is filled in place; a transposed (non-contiguous) one goes through staging
-        with _io.IOPool(2) as pool:
+        with engine.IOPool(2) as pool:
             fd = os.open(path, os.O_RDONLY)
             try:
-                _io.read_box(pool, _io.Staging(budget), fd, target, dtype, BASE, shape, offsets, sizes, mapped)
+                engine.read_box(
+                    pool,
+                    engine.HostBuffer(budget),
+                    engine.Place(fd, BASE, shape),
+                    target,
+                    dtype,
+                    Box(offsets, sizes),
+                    mapped,
+                )
                 pool.drain()
             finally:
                 os.close(fd)
@@ -92,10 +103,18 @@ def test_read_box_casts_on_the_way(tmp_path, mapped):
     path = tmp_path / "f"
     path.write_bytes(b"\0" * BASE + full.reshape(-1).view(torch.uint8).numpy().tobytes())
     target = torch.empty(sizes, dtype=torch.float32)
-    with _io.IOPool(3) as pool:
+    with engine.IOPool(3) as pool:
         fd = os.open(path, os.O_RDONLY)
         try:
-            _io.read_box(pool, _io.Staging(300), fd, target, torch.bfloat16, BASE, shape, offsets, sizes, mapped)
+            engine.read_box(
+                pool,
+                engine.HostBuffer(300),
+                engine.Place(fd, BASE, shape),
+                target,
+                torch.bfloat16,
+                Box(offsets, sizes),
+                mapped,
+            )
         finally:
             os.close(fd)
     assert torch.equal(target, box_of(full, offsets, sizes).float())
@@ -106,11 +125,18 @@ def test_mapped_read_of_a_truncated_file_is_a_named_error(tmp_path):
     shape, offsets, sizes = (64, 48), (0, 16), (64, 16)
     path = tmp_path / "f"
     path.write_bytes(b"\0" * (BASE + 64 * 48))  # half of the 2-byte tensor
-    with _io.IOPool(1) as pool, pytest.raises(CheckpointFormatError, match="unexpected end of file"):
+    with engine.IOPool(1) as pool, pytest.raises(CheckpointFormatError, match="unexpected end of file"):
         fd = os.open(path, os.O_RDONLY)
         try:
-            _io.read_box(pool, _io.Staging(), fd, torch.empty(sizes, dtype=torch.bfloat16), torch.bfloat16, BASE,
-                         shape, offsets, sizes, True)
+            engine.read_box(
+                pool,
+                engine.HostBuffer(),
+                engine.Place(fd, BASE, shape),
+                torch.empty(sizes, dtype=torch.bfloat16),
+                torch.bfloat16,
+                Box(offsets, sizes),
+                True,
+            )
             pool.drain()
         finally:
             os.close(fd)
@@ -120,7 +146,7 @@ def test_pool_call_errors_surface_at_drain():
     def boom():
         raise OSError(5, "I/O error")
 
-    pool = _io.IOPool(2)
+    pool = engine.IOPool(2)
     pool.call(boom)
     with pytest.raises(OSError, match="I/O error"):
         pool.drain()

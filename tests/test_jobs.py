@@ -61,33 +61,63 @@ def sbatch_options(script: str) -> list[str]:
 
 
 def test_slurm_script_is_valid_bash_and_runs_one_torchrun_per_node(tmp_path, fake_bin):
-    text = render("cluster=slurm", *BASE, "cluster.partition=gpu", "cluster.account=proj",
-                  "cluster.time=02:00:00", "cluster.job_name=save70b", "+cluster.env.NCCL_DEBUG=WARN")
+    text = render(
+        "cluster=slurm",
+        *BASE,
+        "cluster.partition=gpu",
+        "cluster.account=proj",
+        "cluster.time=02:00:00",
+        "cluster.job_name=save70b",
+        "+cluster.env.NCCL_DEBUG=WARN",
+    )
     script = tmp_path / "job.sbatch"
     script.write_text(text)
     subprocess.run(["bash", "-n", str(script)], check=True)
     assert text.startswith("#!/bin/bash\n")
-    assert sbatch_options(text) == ["--job-name=save70b", "--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8",
-                                    "--time=02:00:00", "--partition=gpu", "--account=proj", "--output=%x-%j.out"]
-    assert "scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1" in text
+    assert sbatch_options(text) == [
+        "--job-name=save70b",
+        "--nodes=4",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=8",
+        "--time=02:00:00",
+        "--partition=gpu",
+        "--account=proj",
+        "--output=%x-%j.out",
+    ]
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1' in text
 
-    argv = run_script(script, fake_bin, tmp_path / "log", SLURM_NNODES="4", SLURM_JOB_ID="4242",
-                      SLURM_JOB_NODELIST="node-[a-d]")
+    argv = run_script(
+        script, fake_bin, tmp_path / "log", SLURM_NNODES="4", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node-[a-d]"
+    )
     assert argv["srun"][:2] == ["--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    assert argv["torchrun"] == ["--nnodes=4", "--nproc-per-node=8", "--rdzv-backend=c10d",
-                                "--rdzv-endpoint=node-a:29500", "--rdzv-id=4242", *SAVE_ARGS]
+    assert argv["torchrun"] == [
+        "--nnodes=4",
+        "--nproc-per-node=8",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=node-a:29500",
+        "--rdzv-id=4242",
+        *SAVE_ARGS,
+    ]
     assert "NCCL_DEBUG=WARN" in (tmp_path / "log" / "env").read_text().splitlines()
 
 
 def test_slurm_cpu_nodes_and_custom_launcher(tmp_path, fake_bin):
-    text = render("cluster=slurm", *BASE, "cluster.gpus_per_node=0", "cluster.cpus_per_task=32",
-                  "cluster.rdzv_port=29601", "cluster.module=launcher.save", "cluster.setup=[echo setting up]")
+    text = render(
+        "cluster=slurm",
+        *BASE,
+        "cluster.gpus_per_node=0",
+        "cluster.cpus_per_task=32",
+        "cluster.rdzv_port=29601",
+        "cluster.module=launcher.save",
+        "cluster.setup=[echo setting up]",
+    )
     opts = sbatch_options(text)
     assert not any(o.startswith("--gpus-per-node") for o in opts) and "--cpus-per-task=32" in opts
     script = tmp_path / "job.sbatch"
     script.write_text(text)
-    argv = run_script(script, fake_bin, tmp_path / "log", SLURM_NNODES="4", SLURM_JOB_ID="7",
-                      SLURM_JOB_NODELIST="node-[a-d]")
+    argv = run_script(
+        script, fake_bin, tmp_path / "log", SLURM_NNODES="4", SLURM_JOB_ID="7", SLURM_JOB_NODELIST="node-[a-d]"
+    )
     assert "--cpus-per-task=32" in argv["srun"]  # srun does not inherit it from sbatch
     assert argv["torchrun"][3] == "--rdzv-endpoint=node-a:29601"
 
@@ -100,20 +130,38 @@ def test_slurm_script_runs_launcher_save_on_two_nodes(tmp_path):
 
     out = tmp_path / "ckpt"
     script = tmp_path / "job.sbatch"
-    script.write_text(render("cluster=slurm", "world.nnodes=2", "world.nproc_per_node=1", "+model=tiny",
-                             f"output.dir={out}", f"cluster.rdzv_port={free_port()}", "cluster.gpus_per_node=0"))
+    script.write_text(
+        render(
+            "cluster=slurm",
+            "world.nnodes=2",
+            "world.nproc_per_node=1",
+            "+model=tiny",
+            f"output.dir={out}",
+            f"cluster.rdzv_port={free_port()}",
+            "cluster.gpus_per_node=0",
+        )
+    )
     b = tmp_path / "bin"
     b.mkdir()
-    stubs = {"scontrol": 'printf "127.0.0.1\\n127.0.0.2\\n"',
-             "srun": 'while [[ "$1" == --* ]]; do shift; done\n'
-                     'for i in $(seq "$SLURM_NNODES"); do "$@" > "node$i.log" 2>&1 & done\n'
-                     'rc=0; for p in $(jobs -p); do wait "$p" || rc=$?; done; exit $rc',
-             "torchrun": f'exec {shlex.quote(sys.executable)} -m torch.distributed.run "$@"'}
+    stubs = {
+        "scontrol": 'printf "127.0.0.1\\n127.0.0.2\\n"',
+        "srun": 'while [[ "$1" == --* ]]; do shift; done\n'
+        'for i in $(seq "$SLURM_NNODES"); do "$@" > "node$i.log" 2>&1 & done\n'
+        'rc=0; for p in $(jobs -p); do wait "$p" || rc=$?; done; exit $rc',
+        "torchrun": f'exec {shlex.quote(sys.executable)} -m torch.distributed.run "$@"',
+    }
     for name, body in stubs.items():
         (b / name).write_text("#!/bin/bash\n" + body + "\n")
         (b / name).chmod(0o755)
-    env = {"PATH": f"{b}:/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HOME": str(tmp_path),
-           "SLURM_NNODES": "2", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node-[1-2]"}
+    env = {
+        "PATH": f"{b}:/usr/bin:/bin",
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "HOME": str(tmp_path),
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_ID": "77",
+        "SLURM_JOB_NODELIST": "node-[1-2]",
+    }
     done = subprocess.run(["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     logs = "".join((tmp_path / f"node{i}.log").read_text() for i in (1, 2) if (tmp_path / f"node{i}.log").exists())
     assert done.returncode == 0, f"{done.stdout}{done.stderr}{logs}"
@@ -124,24 +172,45 @@ def test_slurm_script_runs_launcher_save_on_two_nodes(tmp_path):
 
 
 def test_k8s_manifest_is_an_elastic_pytorchjob():
-    text = render("cluster=k8s", *BASE[:3], "output.dir=/ckpt/llama3-70b", "cluster.image=reg/hf:1",
-                  "cluster.claim=ckpt-pvc", "cluster.namespace=ml", "+cluster.env.NCCL_DEBUG=WARN")
+    text = render(
+        "cluster=k8s",
+        *BASE[:3],
+        "output.dir=/ckpt/llama3-70b",
+        "cluster.image=reg/hf:1",
+        "cluster.claim=ckpt-pvc",
+        "cluster.namespace=ml",
+        "+cluster.env.NCCL_DEBUG=WARN",
+    )
     job = yaml.safe_load(text)
     assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
     assert job["metadata"] == {"name": "hf-save", "namespace": "ml"}
     spec = job["spec"]
     assert spec["nprocPerNode"] == "8"  # a string in the v1 API
     assert spec["elasticPolicy"] | {"maxRestarts": 0} == {
-        "rdzvBackend": "c10d", "rdzvPort": 29500, "minReplicas": 4, "maxReplicas": 4, "maxRestarts": 0}
+        "rdzvBackend": "c10d",
+        "rdzvPort": 29500,
+        "minReplicas": 4,
+        "maxReplicas": 4,
+        "maxRestarts": 0,
+    }
     assert list(spec["pytorchReplicaSpecs"]) == ["Worker"]
     worker = spec["pytorchReplicaSpecs"]["Worker"]
     assert worker["replicas"] == 4
     pod = worker["template"]["spec"]
     (c,) = pod["containers"]
     assert (c["name"], c["image"]) == ("pytorch", "reg/hf:1")
-    assert c["command"] == ["torchrun", "--nnodes=4", "--nproc-per-node=8", "--rdzv-backend=c10d",
-                            "--rdzv-endpoint=hf-save-worker-0:29500", "--rdzv-id=hf-save", "-m", "launcher.save",
-                            *BASE[:3], "output.dir=/ckpt/llama3-70b"]
+    assert c["command"] == [
+        "torchrun",
+        "--nnodes=4",
+        "--nproc-per-node=8",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=hf-save-worker-0:29500",
+        "--rdzv-id=hf-save",
+        "-m",
+        "launcher.save",
+        *BASE[:3],
+        "output.dir=/ckpt/llama3-70b",
+    ]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert c["ports"] == [{"name": "pytorchjob-port", "containerPort": 29500}]
     assert {"name": "NCCL_DEBUG", "value": "WARN"} in c["env"]
@@ -150,8 +219,16 @@ def test_k8s_manifest_is_an_elastic_pytorchjob():
 
 
 def test_k8s_escapes_dollar_for_kubernetes_expansion():
-    job = yaml.safe_load(render("cluster=k8s", *BASE[:3], 'output.dir="/ckpt/$(whoami)"',
-                                "cluster.image=i", "cluster.gpus_per_node=0", "cluster.shm_size=null"))
+    job = yaml.safe_load(
+        render(
+            "cluster=k8s",
+            *BASE[:3],
+            'output.dir="/ckpt/$(whoami)"',
+            "cluster.image=i",
+            "cluster.gpus_per_node=0",
+            "cluster.shm_size=null",
+        )
+    )
     c = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     assert c["command"][-1] == 'output.dir="/ckpt/$$(whoami)"'  # Kubernetes turns $$ back into $
     assert "resources" not in c and "volumeMounts" not in c
@@ -162,35 +239,59 @@ def test_k8s_escapes_dollar_for_kubernetes_expansion():
 
 def test_local_script_runs_standalone_torchrun(tmp_path, fake_bin):
     script = tmp_path / "run.sh"
-    script.write_text(render("cluster=local", "world.nproc_per_node=2", f"+model={MODEL}",
-                             TRICKY))
+    script.write_text(render("cluster=local", "world.nproc_per_node=2", f"+model={MODEL}", TRICKY))
     argv = run_script(script, fake_bin, tmp_path / "log")
-    assert argv["torchrun"] == ["--nnodes=1", "--nproc-per-node=2", "--standalone", "-m", "launcher.save",
-                                "world.nproc_per_node=2", f"+model={MODEL}", TRICKY]
+    assert argv["torchrun"] == [
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--standalone",
+        "-m",
+        "launcher.save",
+        "world.nproc_per_node=2",
+        f"+model={MODEL}",
+        TRICKY,
+    ]
 
 
 # ------------------------------------------------------------------------------------------ overrides, errors
 
 
 def test_passthrough_drops_only_cluster_overrides():
-    given = ["cluster=slurm", "cluster.partition=gpu", "+cluster.env.A=1", "~cluster.account", "world.nnodes=2",
-             "+model=llama", "output.dir=/a b", "hydra.job.name=x", "clusterfoo=1"]
-    assert jobs.passthrough(given) == ["world.nnodes=2", "+model=llama", "output.dir=/a b", "hydra.job.name=x",
-                                       "clusterfoo=1"]
+    given = [
+        "cluster=slurm",
+        "cluster.partition=gpu",
+        "+cluster.env.A=1",
+        "~cluster.account",
+        "world.nnodes=2",
+        "+model=llama",
+        "output.dir=/a b",
+        "hydra.job.name=x",
+        "clusterfoo=1",
+    ]
+    assert jobs.passthrough(given) == [
+        "world.nnodes=2",
+        "+model=llama",
+        "output.dir=/a b",
+        "hydra.job.name=x",
+        "clusterfoo=1",
+    ]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["world.nnodes=0"], "world.nnodes=0 is invalid"),
-    (["world.nproc_per_node=-2"], "world.nproc_per_node=-2 is invalid"),
-    (["cluster=pbs"], "unknown cluster 'pbs': choose cluster=k8s | cluster=local | cluster=slurm"),
-    (["cluster=local", "world.nnodes=2"], "cluster=local runs on this machine only, but world.nnodes=2"),
-    (["cluster=k8s"], "required and not set (the job would fail on them): cluster.image"),
-    (["cluster=k8s", "cluster.image=i", "cluster.job_name=Save_70B"], "cluster.job_name='Save_70B' is not a valid"),
-    (["cluster=k8s", "cluster.image=i", "cluster.claim=c"], "is not on the shared volume mounted at"),
-    (["cluster.partition=a b"], "cluster.partition='a b' must be one word"),
-    (["cluster.rdzv_port=70000"], "cluster.rdzv_port=70000 is not a TCP port"),
-    (["output.dir=/x\nrm -rf /"], "holds a line break"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["world.nnodes=0"], "world.nnodes=0 is invalid"),
+        (["world.nproc_per_node=-2"], "world.nproc_per_node=-2 is invalid"),
+        (["cluster=pbs"], "unknown cluster 'pbs': choose cluster=k8s | cluster=local | cluster=slurm"),
+        (["cluster=local", "world.nnodes=2"], "cluster=local runs on this machine only, but world.nnodes=2"),
+        (["cluster=k8s"], "required and not set (the job would fail on them): cluster.image"),
+        (["cluster=k8s", "cluster.image=i", "cluster.job_name=Save_70B"], "cluster.job_name='Save_70B' is not a valid"),
+        (["cluster=k8s", "cluster.image=i", "cluster.claim=c"], "is not on the shared volume mounted at"),
+        (["cluster.partition=a b"], "cluster.partition='a b' must be one word"),
+        (["cluster.rdzv_port=70000"], "cluster.rdzv_port=70000 is not a TCP port"),
+        (["output.dir=/x\nrm -rf /"], "holds a line break"),
+    ],
+)
 def test_bad_values_are_named(overrides, message):
     base = ["world.nnodes=2", f"+model={MODEL}", "output.dir=/x"]
     with pytest.raises(jobs.JobConfigError) as e:

@@ -57,9 +57,21 @@ def one_rank(work):
 
 def reference(model_overrides: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The whole random init of SEED, made in this process (no ranks)."""
-    m = OmegaConf.create(dict(vocab_size=259, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=None, attention_bias=False,
-                              mlp_bias=False, tie_word_embeddings=False) | model_overrides)
+    m = OmegaConf.create(
+        dict(
+            vocab_size=259,
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=None,
+            attention_bias=False,
+            mlp_bias=False,
+            tie_word_embeddings=False,
+        )
+        | model_overrides
+    )
     return {s.name: random_local(SEED, s, (0,) * len(s.shape), s.shape, 0.02, dtype, "cpu") for s in param_specs(m)}
 
 
@@ -94,8 +106,12 @@ def test_one_run_dir_rank0_writes_hydra_and_log(four_ranks, work):
 
 
 def test_load_at_another_world_size_compares_with_the_random_init(four_ranks, work):
-    out = run(torchrun_cmd("launcher.load", 2, "+model=tiny", f"seed={SEED}", f"source.path={four_ranks[0]}",
-                           "compare=random"), cwd=work)
+    out = run(
+        torchrun_cmd(
+            "launcher.load", 2, "+model=tiny", f"seed={SEED}", f"source.path={four_ranks[0]}", "compare=random"
+        ),
+        cwd=work,
+    )
     assert "all 21 tensors equal the random init of seed=7" in out.stdout
 
 
@@ -116,10 +132,13 @@ def test_two_rank_save_loads_at_one_rank_and_in_transformers(work):
     from launcher import load
 
     out_dir, tied = work / "ws2-tied", ["model.tie_word_embeddings=true"]
-    run(torchrun_cmd("launcher.save", 2, *TINY, *tied, "output.dtype=bfloat16", "parallel=tp",
-                     f"output.dir={out_dir}"), cwd=work)
-    report = load.run(compose_app("load", "+model=tiny", *tied, f"seed={SEED}", f"source.path={out_dir}",
-                                  "compare=random"))
+    run(
+        torchrun_cmd("launcher.save", 2, *TINY, *tied, "output.dtype=bfloat16", "parallel=tp", f"output.dir={out_dir}"),
+        cwd=work,
+    )
+    report = load.run(
+        compose_app("load", "+model=tiny", *tied, f"seed={SEED}", f"source.path={out_dir}", "compare=random")
+    )
     assert report.tensors == 20 and not report.mismatched
     want = reference({"tie_word_embeddings": True}, torch.bfloat16)
     assert "lm_head.weight" not in read_all(out_dir)
@@ -132,8 +151,14 @@ def test_two_rank_save_loads_at_one_rank_and_in_transformers(work):
 
 @pytest.mark.slow
 def test_load_exits_non_zero_when_the_weights_differ(four_ranks, work):
-    out = run(python_cmd("launcher.load", "+model=tiny", f"seed={SEED + 1}", f"source.path={four_ranks[0]}",
-                         "compare=random"), cwd=work, check=False, LAUNCHER_RUN_DIR=str(work / "run-bad"))
+    out = run(
+        python_cmd(
+            "launcher.load", "+model=tiny", f"seed={SEED + 1}", f"source.path={four_ranks[0]}", "compare=random"
+        ),
+        cwd=work,
+        check=False,
+        LAUNCHER_RUN_DIR=str(work / "run-bad"),
+    )
     assert out.returncode != 0
     assert "21 of 21 tensors differ from the random init of seed=8" in out.stdout + out.stderr
 
@@ -159,16 +184,41 @@ def app_lines(text: str, app: str) -> list[str]:
 
 
 FIXABLE = [  # (launcher, app, overrides, error, words of the message): {ckpt} is a saved checkpoint
-    ("torchrun", "launcher.save", ["+model=tiny", "output.dir={ckpt}"], "CheckpointExistsError",
-     ["already holds a checkpoint", "output.overwrite=replace"]),
-    ("python", "launcher.load", ["+model=tiny", "source.path={ckpt}-missing"], "ConfigError",
-     ["source.path=", "-missing does not exist", "pass source.path=DIR"]),
-    ("python", "launcher.save", ["+model=tiny", "source=dcp", "source.path={ckpt}-missing", "output.dir={ckpt}-x"],
-     "ConfigError", ["source.path=", "pass source.path=DIR of a torch.distributed.checkpoint"]),
-    ("python", "launcher.save", ["+model=tiny", "world=1x8", "output.dir={ckpt}-x"], "WorldError",
-     ["world.nproc_per_node=8", "Fix: pass world.nnodes=1 world.nproc_per_node=1"]),
-    ("python", "launcher.save", ["+model=tiny", "model.num_attention_heads=3", "output.dir={ckpt}-x"],
-     "ModelConfigError", ["model.hidden_size=64 is not a multiple of model.num_attention_heads=3"]),
+    (
+        "torchrun",
+        "launcher.save",
+        ["+model=tiny", "output.dir={ckpt}"],
+        "CheckpointExistsError",
+        ["already holds a checkpoint", "output.overwrite=replace"],
+    ),
+    (
+        "python",
+        "launcher.load",
+        ["+model=tiny", "source.path={ckpt}-missing"],
+        "ConfigError",
+        ["source.path=", "-missing does not exist", "pass source.path=DIR"],
+    ),
+    (
+        "python",
+        "launcher.save",
+        ["+model=tiny", "source=dcp", "source.path={ckpt}-missing", "output.dir={ckpt}-x"],
+        "ConfigError",
+        ["source.path=", "pass source.path=DIR of a torch.distributed.checkpoint"],
+    ),
+    (
+        "python",
+        "launcher.save",
+        ["+model=tiny", "world=1x8", "output.dir={ckpt}-x"],
+        "WorldError",
+        ["world.nproc_per_node=8", "Fix: pass world.nnodes=1 world.nproc_per_node=1"],
+    ),
+    (
+        "python",
+        "launcher.save",
+        ["+model=tiny", "model.num_attention_heads=3", "output.dir={ckpt}-x"],
+        "ModelConfigError",
+        ["model.hidden_size=64 is not a multiple of model.num_attention_heads=3"],
+    ),
 ]
 
 
@@ -195,15 +245,36 @@ def test_fixable_errors_are_one_line_and_exit_1(one_rank, work, launcher, app, o
 
 def test_a_wrong_type_is_hydras_short_report_naming_the_key(work):
     """Checked by the schema while Hydra composes, before the app runs: Hydra's message, no traceback."""
-    out = run(python_cmd("launcher.save", "+model=tiny", "seed=abc", f"output.dir={work / 'never'}"), cwd=work,
-              check=False, HYDRA_FULL_ERROR="0", LAUNCHER_RUN_DIR=str(work / "run-bad-type"))
+    out = run(
+        python_cmd("launcher.save", "+model=tiny", "seed=abc", f"output.dir={work / 'never'}"),
+        cwd=work,
+        check=False,
+        HYDRA_FULL_ERROR="0",
+        LAUNCHER_RUN_DIR=str(work / "run-bad-type"),
+    )
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "seed=abc" in out.stderr and "could not be converted to Integer" in out.stderr
 
 
 def test_hydra_full_error_shows_the_traceback(one_rank, work):
-    out = run(python_cmd("launcher.save", "+model=tiny", f"output.dir={one_rank}"), cwd=work, check=False,
-              HYDRA_FULL_ERROR="1", LAUNCHER_RUN_DIR=str(work / "run-full-error"))
+    out = run(
+        python_cmd("launcher.save", "+model=tiny", f"output.dir={one_rank}"),
+        cwd=work,
+        check=False,
+        HYDRA_FULL_ERROR="1",
+        LAUNCHER_RUN_DIR=str(work / "run-full-error"),
+    )
     assert out.returncode == 1
     assert "Traceback (most recent call last)" in out.stderr and "hf_storage.errors.CheckpointExistsError" in out.stderr
     assert not app_lines(out.stderr, "launcher.save")
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_async_mode_reports_the_stall_and_writes_the_same_bytes(one_rank, work, mode):
+    out_dir = work / f"ws2-async-{mode}"
+    out = run(
+        torchrun_cmd("launcher.save", 2, *TINY, "parallel=tp", f"output.async_mode={mode}", f"output.dir={out_dir}"),
+        cwd=work,
+    )
+    assert "async: training would have stood still" in out.stdout + out.stderr
+    assert files_of(out_dir) == files_of(one_rank)

@@ -48,9 +48,11 @@ def fake_nvml(gpus: list[dict], fail_init: bool = False, fail_count: bool = Fals
     return m
 
 
-GPUS = [{"uuid": "GPU-aaaa", "free": 70 << 30, "mask": [0b1111]},
-        {"uuid": "GPU-bbbb", "free": 1 << 30, "mask": [0, 1]},
-        {"uuid": "GPU-cccc", "free": 70 << 30}]
+GPUS = [
+    {"uuid": "GPU-aaaa", "free": 70 << 30, "mask": [0b1111]},
+    {"uuid": "GPU-bbbb", "free": 1 << 30, "mask": [0, 1]},
+    {"uuid": "GPU-cccc", "free": 70 << 30},
+]
 
 
 def cfg(**kw):

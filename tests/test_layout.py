@@ -22,10 +22,19 @@ def test_natural_order_puts_layer_2_before_layer_10():
     assert sorted(names, key=natural_key) == ["embed", "layers.1.w", "layers.2.w", "layers.10.w"]
 
 
-@pytest.mark.parametrize("value,expected", [
-    ("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30), ("1.5KB", 1500), (123, 123), ("64", 64),
-    ("10 kib", 10240), (None, None),
-])
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("5GB", 5 * 10**9),
+        ("500MB", 500 * 10**6),
+        ("2GiB", 2 * 2**30),
+        ("1.5KB", 1500),
+        (123, 123),
+        ("64", 64),
+        ("10 kib", 10240),
+        (None, None),
+    ],
+)
 def test_parse_size(value, expected):
     assert parse_size(value) == expected
 
@@ -40,12 +49,17 @@ def test_max_shard_size_fills_files_in_natural_order():
     s = specs(*[(f"layers.{i}.w", torch.float32, (10,)) for i in range(12)])  # 40 bytes each
     lay = plan(s, max_shard_size=100)
     assert [f.name for f in lay.files] == [layout.file_name(i, 6) for i in range(1, 7)]
-    assert [sorted(f.tensors, key=natural_key) for f in lay.files][:2] == [["layers.0.w", "layers.1.w"], ["layers.2.w", "layers.3.w"]]
+    assert [sorted(f.tensors, key=natural_key) for f in lay.files][:2] == [
+        ["layers.0.w", "layers.1.w"],
+        ["layers.2.w", "layers.3.w"],
+    ]
     assert all(sum(lay.tensors[t].spec.nbytes for t in f.tensors) <= 100 for f in lay.files)
 
 
 def test_oversized_tensor_gets_its_own_file():
-    lay = plan(specs(("a", torch.float32, (100,)), ("b", torch.float32, (1,)), ("c", torch.float32, (1,))), max_shard_size=16)
+    lay = plan(
+        specs(("a", torch.float32, (100,)), ("b", torch.float32, (1,)), ("c", torch.float32, (1,))), max_shard_size=16
+    )
     assert [f.tensors for f in lay.files] == [["a"], ["b", "c"]]
 
 
@@ -93,7 +107,13 @@ def test_every_tensor_is_aligned_to_its_itemsize_and_files_tile():
 
 
 def test_layout_is_deterministic_and_independent_of_input_order():
-    s = specs(*[(f"layers.{i}.{k}", dt, (i + 1, 3)) for i in range(5) for k, dt in (("w", torch.bfloat16), ("b", torch.float32))])
+    s = specs(
+        *[
+            (f"layers.{i}.{k}", dt, (i + 1, 3))
+            for i in range(5)
+            for k, dt in (("w", torch.bfloat16), ("b", torch.float32))
+        ]
+    )
     a = plan(s, max_shard_size=50)
     b = plan(list(reversed(s)), max_shard_size=50)
     assert [(f.name, f.header, f.size) for f in a.files] == [(f.name, f.header, f.size) for f in b.files]
@@ -126,17 +146,20 @@ def brute_runs(shape, offsets, sizes):
     return idx[sl].reshape(-1)
 
 
-@pytest.mark.parametrize("shape,offsets,sizes,nruns", [
-    ((8, 6), (2, 0), (3, 6), 1),        # row shard: one run
-    ((8, 6), (0, 2), (8, 3), 8),        # column shard: one run per row
-    ((4, 5, 6), (1, 0, 3), (2, 5, 3), 10),
-    ((4, 5, 6), (0, 1, 0), (4, 2, 6), 4),
-    ((4, 5, 6), (2, 0, 0), (1, 5, 6), 1),
-    ((5,), (1,), (3,), 1),
-    ((), (), (), 1),
-    ((3, 4), (1, 0), (0, 4), 0),        # empty box
-    ((1, 7), (0, 3), (1, 2), 1),
-])
+@pytest.mark.parametrize(
+    "shape,offsets,sizes,nruns",
+    [
+        ((8, 6), (2, 0), (3, 6), 1),  # row shard: one run
+        ((8, 6), (0, 2), (8, 3), 8),  # column shard: one run per row
+        ((4, 5, 6), (1, 0, 3), (2, 5, 3), 10),
+        ((4, 5, 6), (0, 1, 0), (4, 2, 6), 4),
+        ((4, 5, 6), (2, 0, 0), (1, 5, 6), 1),
+        ((5,), (1,), (3,), 1),
+        ((), (), (), 1),
+        ((3, 4), (1, 0), (0, 4), 0),  # empty box
+        ((1, 7), (0, 3), (1, 2), 1),
+    ],
+)
 def test_chunk_runs_match_brute_force(shape, offsets, sizes, nruns):
     starts, length = chunk_runs(shape, offsets, sizes)
     assert len(starts) == nruns

@@ -21,8 +21,13 @@ TINY = ["+model=tiny", "seed=11"]
 
 
 def agent_args(node_rank: int, endpoint: str, run_id: str, local_addr: str | None) -> list[str]:
-    args = ["--nnodes=2", f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
-            f"--rdzv-id={run_id}"]
+    args = [
+        "--nnodes=2",
+        f"--node-rank={node_rank}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-id={run_id}",
+    ]
     if local_addr:  # torchrun cannot tell that a namespace's own address is "this host": say who hosts the store
         args += [f"--local-addr={local_addr}", f"--rdzv-conf=is_host={int(node_rank == 0)},join_timeout=120"]
     return args
@@ -33,10 +38,14 @@ def run_agents(module: str, overrides: list[str], cwd, net: dict, timeout: float
     endpoint, run_id = f"{net['addrs'][0]}:{free_port()}", f"mn-{uuid.uuid4().hex[:8]}"
     procs = []
     for i in range(2):
-        cmd = net["prefix"][i] + torchrun_cmd(module, 1, *overrides,
-                                              agent=agent_args(i, endpoint, run_id, net["local"][i]))
-        procs.append(subprocess.Popen(cmd, cwd=cwd, env=app_env(**net["env"][i]), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        cmd = net["prefix"][i] + torchrun_cmd(
+            module, 1, *overrides, agent=agent_args(i, endpoint, run_id, net["local"][i])
+        )
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=cwd, env=app_env(**net["env"][i]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     outs = []
     try:
         for p in procs:
@@ -81,16 +90,24 @@ def netns():
         for n in made:
             subprocess.run(["ip", "netns", "del", n], capture_output=True)
         pytest.skip(f"cannot create network namespaces here: {getattr(e, 'stderr', e)}")
-    yield {"addrs": addrs, "local": addrs, "prefix": [["ip", "netns", "exec", n] for n in names],
-           "env": [{"GLOO_SOCKET_IFNAME": link} for link in links]}  # gloo would pick the hostname's 127.0.0.1
+    yield {
+        "addrs": addrs,
+        "local": addrs,
+        "prefix": [["ip", "netns", "exec", n] for n in names],
+        "env": [{"GLOO_SOCKET_IFNAME": link} for link in links],
+    }  # gloo would pick the hostname's 127.0.0.1
     for n in names:
         subprocess.run(["ip", "netns", "del", n], capture_output=True)
 
 
 def save_on_two_nodes(tmp_path, net: dict):
     out_dir = tmp_path / "ckpt"
-    saved = run_agents("launcher.save", [*TINY, "world.nnodes=2", "world.nproc_per_node=1",
-                                         f"output.dir={out_dir}", "output.max_shard_size=50KB"], tmp_path, net)
+    saved = run_agents(
+        "launcher.save",
+        [*TINY, "world.nnodes=2", "world.nproc_per_node=1", f"output.dir={out_dir}", "output.max_shard_size=50KB"],
+        tmp_path,
+        net,
+    )
     assert any("saved 21 tensors" in o and "on 2 node(s)" in o for o in saved)
     assert len(list(out_dir.glob("*.safetensors"))) > 1 and (out_dir / "config.json").is_file()
     runs = list((tmp_path / "outputs" / "save").iterdir())
@@ -100,8 +117,9 @@ def save_on_two_nodes(tmp_path, net: dict):
 
 def test_two_agents_on_loopback_save_and_load(tmp_path):
     out_dir = save_on_two_nodes(tmp_path, LOOPBACK)
-    loaded = run_agents("launcher.load", [*TINY, "parallel=tp", f"source.path={out_dir}", "compare=random"],
-                        tmp_path, LOOPBACK)
+    loaded = run_agents(
+        "launcher.load", [*TINY, "parallel=tp", f"source.path={out_dir}", "compare=random"], tmp_path, LOOPBACK
+    )
     assert any("all 21 tensors equal the random init of seed=11" in o for o in loaded)
 
 

@@ -61,7 +61,9 @@ def check_spec(directory: str) -> None:
                 seen.add(tname)
     assert seen == {n for n, _, _ in matrix.case_names()}
     assert index["metadata"]["total_size"] == sum(
-        matrix.reference(n, dt, s).numel() * matrix.reference(n, dt, s).element_size() for n, dt, s in matrix.case_names())
+        matrix.reference(n, dt, s).numel() * matrix.reference(n, dt, s).element_size()
+        for n, dt, s in matrix.case_names()
+    )
 
 
 @pytest.mark.parametrize("ws", [1, 2, 4])

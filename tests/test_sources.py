@@ -37,28 +37,35 @@ def test_splitmix64_matches_a_plain_python_reference():
     assert got == [sources._signed(splitmix_reference(i, key & M64)) for i in idx]
 
 
-@pytest.mark.parametrize("shape,offsets,sizes", [
-    ((37, 11), (0, 0), (37, 11)), ((37, 11), (5, 3), (9, 7)), ((37, 11), (36, 10), (1, 1)),
-    ((259,), (65, ), (65,)), ((6, 5, 4), (1, 2, 1), (4, 3, 2)), ((10, 3), (4, 0), (0, 3)),
-])
+@pytest.mark.parametrize(
+    "shape,offsets,sizes",
+    [
+        ((37, 11), (0, 0), (37, 11)),
+        ((37, 11), (5, 3), (9, 7)),
+        ((37, 11), (36, 10), (1, 1)),
+        ((259,), (65,), (65,)),
+        ((6, 5, 4), (1, 2, 1), (4, 3, 2)),
+        ((10, 3), (4, 0), (0, 3)),
+    ],
+)
 def test_random_box_is_the_slice_of_the_whole(shape, offsets, sizes, monkeypatch):
     monkeypatch.setattr(sources, "SLAB_ELEMENTS", 8)  # many slabs even for small boxes
-    whole = sources.random_box(3, "w", shape, (0,) * len(shape), shape, std=0.5)
-    box = sources.random_box(3, "w", shape, offsets, sizes, std=0.5, workers=3)
+    whole = sources.random_box(sources.Noise(3, std=0.5), "w", shape, (0,) * len(shape), shape)
+    box = sources.random_box(sources.Noise(3, std=0.5), "w", shape, offsets, sizes, workers=3)
     want = whole[tuple(slice(o, o + n) for o, n in zip(offsets, sizes, strict=True))]
     assert torch.equal(box, want)
 
 
 def test_random_values_depend_on_seed_name_and_dtype_only_through_one_cast():
-    a = sources.random_box(0, "a", (64, 64), (0, 0), (64, 64), dtype=torch.float32)
-    assert not torch.equal(a, sources.random_box(1, "a", (64, 64), (0, 0), (64, 64)))
-    assert not torch.equal(a, sources.random_box(0, "b", (64, 64), (0, 0), (64, 64)))
-    bf = sources.random_box(0, "a", (64, 64), (0, 0), (64, 64), dtype=torch.bfloat16)
+    a = sources.random_box(sources.Noise(0), "a", (64, 64), (0, 0), (64, 64), dtype=torch.float32)
+    assert not torch.equal(a, sources.random_box(sources.Noise(1), "a", (64, 64), (0, 0), (64, 64)))
+    assert not torch.equal(a, sources.random_box(sources.Noise(0), "b", (64, 64), (0, 0), (64, 64)))
+    bf = sources.random_box(sources.Noise(0), "a", (64, 64), (0, 0), (64, 64), dtype=torch.bfloat16)
     assert torch.equal(bf, a.to(torch.bfloat16))
 
 
 def test_random_init_statistics():
-    x = sources.random_box(0, "w", (512, 512), (0, 0), (512, 512), std=0.02, dtype=torch.float64)
+    x = sources.random_box(sources.Noise(0, std=0.02), "w", (512, 512), (0, 0), (512, 512), dtype=torch.float64)
     assert abs(x.mean().item()) < 2e-4 and math.isclose(x.std().item(), 0.02, rel_tol=0.01)
     norm = sources.random_local(0, ParamSpec("n", (512,), None, "norm"), (0,), (512,), 0.02, torch.float32, "cpu")
     assert abs(norm.mean().item() - 1.0) < 0.01
@@ -74,9 +81,18 @@ NAME_SETS = pytest.mark.parametrize("names", [titan.CURRENT, titan.LEGACY], ids=
 def tiny_model(**changes):
     from omegaconf import OmegaConf
 
-    base = dict(vocab_size=259, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                num_attention_heads=N_HEADS, num_key_value_heads=N_KV, head_dim=None, attention_bias=False,
-                mlp_bias=False, tie_word_embeddings=False)
+    base = dict(
+        vocab_size=259,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=N_HEADS,
+        num_key_value_heads=N_KV,
+        head_dim=None,
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=False,
+    )
     return OmegaConf.create(base | changes)
 
 
@@ -84,8 +100,11 @@ def titan_state(seed: int = 0, names: titan.TitanNames = titan.CURRENT) -> dict[
     """A torchtitan Llama state dict under ``names``; the same values under either set for one seed."""
     g = torch.Generator().manual_seed(seed)
     specs = param_specs(tiny_model())
-    return {titan.titan_name(s.name, names): torch.randn(s.shape, generator=g) * (0.2 if s.init == "normal" else 0.05)
-            + (1.0 if s.init == "norm" else 0.0) for s in specs}
+    return {
+        titan.titan_name(s.name, names): torch.randn(s.shape, generator=g) * (0.2 if s.init == "normal" else 0.05)
+        + (1.0 if s.init == "norm" else 0.0)
+        for s in specs
+    }
 
 
 @NAME_SETS
@@ -160,8 +179,14 @@ def test_the_rotary_permutation_is_the_same_under_both_sets():
     assert renamed.keys() == legacy.keys() and all(torch.equal(renamed[k], legacy[k]) for k in legacy)
 
 
-@pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
-                                  "model.layers.0.mlp.up_proj.weight"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.k_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+    ],
+)
 def test_a_shard_needs_only_the_heads_it_overlaps(name):
     sd = titan_state()
     full_hf = titan.to_hf(sd, N_HEADS, N_KV)[name]
@@ -173,9 +198,9 @@ def test_a_shard_needs_only_the_heads_it_overlaps(name):
         (so, sr), (ss, sc) = titan.source_box(name, offsets, sizes, HEAD_DIM)
         assert n == 0 or so % HEAD_DIM == 0 or titan.rotary(name) is None
         assert ss <= n + 2 * HEAD_DIM
-        box = source[so:so + ss, sr:sr + sc]
+        box = source[so : so + ss, sr : sr + sc]
         got = titan.hf_rows_from_source(name, box, (so, sr), offsets, sizes, HEAD_DIM)
-        assert torch.equal(got, full_hf[lo:lo + n, c0:c1])
+        assert torch.equal(got, full_hf[lo : lo + n, c0:c1])
 
 
 def test_check_names_lists_every_problem_at_once():
@@ -198,8 +223,9 @@ def titan_forward(w: dict[str, torch.Tensor], tokens: torch.Tensor, theta: float
     names = titan.detect(w)
     t = tokens.shape[0]
     freqs = 1.0 / theta ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float64) / HEAD_DIM)
-    rot = torch.polar(torch.ones(t, HEAD_DIM // 2, dtype=torch.float64),
-                      torch.outer(torch.arange(t, dtype=torch.float64), freqs)).to(torch.complex64)
+    rot = torch.polar(
+        torch.ones(t, HEAD_DIM // 2, dtype=torch.float64), torch.outer(torch.arange(t, dtype=torch.float64), freqs)
+    ).to(torch.complex64)
 
     def rope(x):
         xc = torch.view_as_complex(x.reshape(t, x.shape[1], HEAD_DIM // 2, 2).contiguous())
@@ -230,11 +256,20 @@ def _convert_on_ranks(rank: int, world_size: int, dcp_dir: str, hf_dir: str, rel
 
     common = [*TINY, f"world.nproc_per_node={world_size}", "output.max_shard_size=64KB"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        to_hf = compose("save", [*common, "source=dcp", f"source.path={dcp_dir}", f"output.dir={hf_dir}",
-                                 "output.dtype=float32"])
-        relaid = compose("save", [*common, "source=hf", f"source.path={hf_dir}",
-                                  f"output.dir={relaid_dir}", "output.dtype=bfloat16",
-                                  "output.max_shard_size=1MB"])
+        to_hf = compose(
+            "save", [*common, "source=dcp", f"source.path={dcp_dir}", f"output.dir={hf_dir}", "output.dtype=float32"]
+        )
+        relaid = compose(
+            "save",
+            [
+                *common,
+                "source=hf",
+                f"source.path={hf_dir}",
+                f"output.dir={relaid_dir}",
+                "output.dtype=bfloat16",
+                "output.max_shard_size=1MB",
+            ],
+        )
     save.run(to_hf)
     save.run(relaid)
 
@@ -246,8 +281,11 @@ def converted(request, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("dcp")
     sd = titan_state(seed=1, names=request.param)
-    extras = {"lr_scheduler.last_epoch": torch.tensor(100), "optimizer.state.x": torch.zeros(3),
-              "optimizer.state.layers.0.attention.wq.weight.exp_avg": torch.zeros(2)}  # not a model key
+    extras = {
+        "lr_scheduler.last_epoch": torch.tensor(100),
+        "optimizer.state.x": torch.zeros(3),
+        "optimizer.state.layers.0.attention.wq.weight.exp_avg": torch.zeros(2),
+    }  # not a model key
     dcp.save(sd | extras, checkpoint_id=str(root / "titan"), no_dist=True)
     run_ranks(_convert_on_ranks, 2, str(root / "titan"), str(root / "hf"), str(root / "relaid"))
     return sd, root

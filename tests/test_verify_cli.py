@@ -21,8 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def ckpt(tmp_path: Path) -> Path:
-    sd = {"model.embed.weight": torch.randn(32, 8), "model.layers.0.mlp.w": torch.randn(8, 16).bfloat16(),
-          "model.layers.1.mlp.w": torch.randn(8, 16).bfloat16(), "lm_head.bias": torch.zeros(32, dtype=torch.int64)}
+    sd = {
+        "model.embed.weight": torch.randn(32, 8),
+        "model.layers.0.mlp.w": torch.randn(8, 16).bfloat16(),
+        "model.layers.1.mlp.w": torch.randn(8, 16).bfloat16(),
+        "lm_head.bias": torch.zeros(32, dtype=torch.int64),
+    }
     path = tmp_path / "ckpt"
     hf_storage.save(sd, path, max_shard_size=600, thread_count=1)
     return path
@@ -39,8 +43,9 @@ def corrupt(path: Path, tensor: str) -> None:
 
 def run_module(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "hf_storage", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "hf_storage", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def run_module_here(monkeypatch, *args: str) -> int:
@@ -111,7 +116,9 @@ def test_inspect_refuses_a_broken_checkpoint(ckpt: Path, capsys):
     assert "weight_map" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [[], ["frobnicate", "x"], ["verify"], ["inspect", "a", "b"], ["verify", "--nope", "x"]])
+@pytest.mark.parametrize(
+    "argv", [[], ["frobnicate", "x"], ["verify"], ["inspect", "a", "b"], ["verify", "--nope", "x"]]
+)
 def test_usage_errors_exit_2(argv, capsys):
     assert main(argv) == 2
     assert "usage:" in capsys.readouterr().err

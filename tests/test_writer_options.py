@@ -65,9 +65,9 @@ def test_progress_counts_completed_writes_on_the_calling_thread(tmp_path, monkey
     import threading
     import time
 
-    from hf_storage import _io
+    from hf_storage import engine
 
-    real = _io.pwrite_all
+    real = engine.pwrite_all
     finished = [0]
     lock = threading.Lock()
 
@@ -77,8 +77,8 @@ def test_progress_counts_completed_writes_on_the_calling_thread(tmp_path, monkey
         with lock:
             finished[0] += len(buf)
 
-    monkeypatch.setattr(_io, "pwrite_all", slow_pwrite)
-    monkeypatch.setattr(_io, "_SPLIT", 256 * 1024)  # several ops per tensor
+    monkeypatch.setattr(engine, "pwrite_all", slow_pwrite)
+    monkeypatch.setattr(engine, "_SPLIT", 256 * 1024)  # several ops per tensor
     sd = {f"w{i}": torch.randn(256, 1024) for i in range(3)}  # 1 MiB each
     reports, main = [], threading.get_ident()
 

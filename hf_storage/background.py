@@ -1,0 +1,300 @@
+"""Saves that run behind training: :func:`async_save` stalls the caller only to plan and to copy its shards to
+host memory, then writes the checkpoint in the background: on a thread (``mode="thread"``, the default) or
+in a writer process of this rank (``mode="process"``).
+
+    foreground  (the caller, collective on its group)  wait for this process's previous save; plan; one
+                all-gather (a failure anywhere fails every rank now); copy every chunk into host buffers
+                that are allocated once and reused by the next save of the same state
+    background  prepare, assemble, write, agree, publish: the same phases as :func:`hf_storage.save`, on
+                a thread with a dedicated gloo group of the same ranks (created once), or in a writer
+                process per rank (started once, its own gloo group; the host copies in shared memory)
+
+The checkpoint is complete-or-invisible exactly as with :func:`hf_storage.save`. An error of the background
+part is raised by the returned future's ``result()`` on every rank, and, if nobody asked for it, by the next
+:func:`async_save` of this process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import dataclasses
+import math
+import mmap
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import pipeline
+from .collectives import Group, timeout_of
+from .errors import HFStorageError
+
+
+class SaveInProgressError(HFStorageError):
+    """``async_save(..., if_busy="raise")`` while this process's previous async save is still writing."""
+
+
+class SaveFuture(Future):
+    """The future of a background save; remembers whether its outcome was asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.observed = False
+
+    def result(self, timeout: float | None = None) -> Any:
+        self.observed = True
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self.observed = True
+        return super().exception(timeout)
+
+
+class HostCopies:
+    """Host copies of one rank's chunks in one flat buffer: allocated for a set of chunk shapes once and reused
+    while it repeats. Pinned for CUDA sources (device-to-host copies at full speed, one sync per save); in
+    shared memory when another process writes them."""
+
+    def __init__(self) -> None:
+        self.key: tuple = ()
+        self.flat = torch.empty(0, dtype=torch.uint8)
+        self.buffers: list[torch.Tensor] = []
+        self.offsets: list[int] = []
+        self.shared: SharedFlat | None = None
+
+    def stage(self, chunks: list[pipeline.Chunk], shared: bool = False) -> list[pipeline.Chunk]:
+        key = (shared, *((c.fqn, c.box, c.data.dtype, c.data.is_cuda) for c in chunks))
+        if key != self.key:
+            self._allocate(chunks, shared)
+            self.key = key
+        for buf, c in zip(self.buffers, chunks):
+            buf.copy_(c.data, non_blocking=c.data.is_cuda)
+        if any(c.data.is_cuda for c in chunks):
+            torch.cuda.synchronize()
+        return [pipeline.Chunk(c.fqn, buf, c.shape, c.box) for buf, c in zip(self.buffers, chunks)]
+
+    def _allocate(self, chunks: list[pipeline.Chunk], shared: bool) -> None:
+        self.buffers, self.flat = [], torch.empty(0, dtype=torch.uint8)  # the old copies go first
+        self.offsets, total = [], 0
+        for c in chunks:
+            self.offsets.append(total)
+            total += -(-c.box.numel * c.data.element_size() // _ALIGN) * _ALIGN
+        cuda = any(c.data.is_cuda for c in chunks)
+        if shared:
+            self.shared = SharedFlat(max(total, 1))
+            self.flat = self.shared.tensor
+            if cuda:
+                torch.cuda.cudart().cudaHostRegister(self.flat.data_ptr(), self.flat.numel(), 0)
+        else:
+            self.shared = None
+            self.flat = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=cuda)
+        self.buffers = [view(self.flat, at, c.data.dtype, c.box.sizes) for at, c in zip(self.offsets, chunks)]
+
+
+_ALIGN = 64
+
+
+class SharedFlat:
+    """Host memory another process of this node can map: an anonymous memfd (nothing named, freed with the
+    last process that maps it), reached through ``/proc/<pid>/fd/<fd>``."""
+
+    def __init__(self, size: int, owner: tuple[int, int] | None = None):
+        if owner is None:
+            self.fd = os.memfd_create("hf_storage-host-copies", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, size)
+        else:
+            self.fd = os.open(f"/proc/{owner[0]}/fd/{owner[1]}", os.O_RDWR | os.O_CLOEXEC)
+        self.where = (os.getpid(), self.fd, size)
+        self.map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+        self.tensor = torch.frombuffer(self.map, dtype=torch.uint8)
+
+
+def view(flat: torch.Tensor, at: int, dtype: torch.dtype, sizes: tuple[int, ...]) -> torch.Tensor:
+    n = math.prod(sizes) * dtype.itemsize
+    return flat[at : at + n].view(dtype).view(sizes)
+
+
+class _Saver:
+    """This process's background saves: one at a time, on one thread, with reused host copies."""
+
+    def __init__(self) -> None:
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="hf_storage-async")
+        self.copies = HostCopies()
+        self.last: SaveFuture | None = None
+        self.groups: dict[tuple[int, ...], Any] = {}
+        self.writers: dict[tuple[int, ...], WriterProcess] = {}
+        self.lock = threading.Lock()
+
+    def writer_for(self, g: Group) -> WriterProcess:
+        """This rank's writer process for the ranks of ``g``, started once (one collective to meet)."""
+        key = tuple(dist.get_process_group_ranks(g.group or dist.group.WORLD)) if g.on else (0,)
+        if key not in self.writers:
+            self.writers[key] = WriterProcess(g)
+        return self.writers[key]
+
+    def shutdown(self) -> None:
+        """At exit: let the last save finish, then stop the writer processes."""
+        if self.last is not None:
+            self.last.exception()
+        for w in self.writers.values():
+            w.close()
+
+    def settle(self, if_busy: str) -> float:
+        """Wait for the previous save (or refuse, with ``if_busy="raise"``); raise its error if nobody asked
+        for it. Returns the seconds waited."""
+        last, start = self.last, time.perf_counter()
+        if last is None:
+            return 0.0
+        if not last.done() and if_busy == "raise":
+            raise SaveInProgressError(
+                "the previous async_save of this process is still writing; wait for its future "
+                "(.result()), or pass if_busy='wait' to let this call wait for it"
+            )
+        asked = last.observed
+        error = last.exception()  # waits for it
+        self.last = None
+        if error is not None and not asked:
+            raise error
+        return time.perf_counter() - start
+
+    def group_for(self, g: Group) -> Any:
+        """A gloo group of the same ranks as ``g`` for the background collectives, created once."""
+        if not g.on:
+            return None
+        ranks = tuple(dist.get_process_group_ranks(g.group or dist.group.WORLD))
+        if ranks not in self.groups:
+            self.groups[ranks] = dist.new_group(
+                list(ranks), backend="gloo", timeout=timeout_of(g.group), use_local_synchronization=True
+            )
+        return self.groups[ranks]
+
+
+class WriterProcess:
+    """A process of this rank that owns the writing (``mode="process"``): it maps the host copies (a memfd,
+    mapped anew only when they are reallocated), joins a gloo group of its own with the other ranks' writer
+    processes, and runs the background phases there, so the training process's GIL and page-cache work stay
+    free. A fresh interpreter (not a fork, not a re-run of the training script); it dies with its parent."""
+
+    def __init__(self, g: Group):
+        address = (os.environ.get("MASTER_ADDR", socket.gethostname()), _free_port()) if g.rank == 0 else None
+        address = g.broadcast(address)
+        from_parent, to_child = os.pipe()
+        from_child, to_parent = os.pipe()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}  # not the agent's store
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        code = f"from hf_storage.background import writer_main; writer_main({from_parent}, {to_parent})"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(from_parent, to_parent), env=env)
+        os.close(from_parent)
+        os.close(to_parent)
+        self.conn_out, self.conn_in = Connection(to_child, readable=False), Connection(from_child, writable=False)
+        self.conn_out.send((address, g.rank, g.size, g.timeout(), os.getpid()))
+        self.sent: tuple | None = None
+
+    def run(self, copies: HostCopies, job: pipeline.Job, path, opts: pipeline.Options, stall: float):
+        assert copies.shared is not None
+        flat = copies.shared.where if self.sent != copies.shared.where else None
+        self.sent = copies.shared.where
+        meta = [(c.fqn, c.shape, c.box, c.data.dtype, at) for c, at in zip(job.chunks, copies.offsets)]
+        job_meta = (job.placed, job.fingerprint, job.layout, meta)
+        self.conn_out.send(("save", flat, job_meta, os.fspath(path), dataclasses.replace(opts, progress=None), stall))
+        status, value = self.conn_in.recv()
+        if status == "error":
+            raise value
+        return value
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.conn_out.send(("stop",))
+            self.proc.wait(30)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def writer_main(fd_in: int, fd_out: int) -> None:
+    """The writer process: one group for its life, then one save per message."""
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the training process
+    conn_in, conn_out = Connection(fd_in, writable=False), Connection(fd_out, readable=False)
+    address, rank, world, timeout, parent = conn_in.recv()
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        return
+    if world > 1:
+        kw = {"timeout": timeout} if timeout is not None else {}
+        url = f"tcp://{address[0]}:{address[1]}"
+        dist.init_process_group("gloo", init_method=url, rank=rank, world_size=world, **kw)
+    flat: SharedFlat | None = None
+    while (msg := conn_in.recv())[0] != "stop":
+        _, where, job_meta, path, opts, stall = msg
+        flat = SharedFlat(where[2], where[:2]) if where is not None else flat
+        try:
+            assert flat is not None
+            conn_out.send(("ok", _write_staged(flat.tensor, job_meta, path, opts, stall)))
+        except BaseException as e:
+            conn_out.send(("error", e))
+
+
+def _write_staged(flat: torch.Tensor, job_meta: tuple, path: str, opts: pipeline.Options, stall: float):
+    placed, fingerprint, layout, meta = job_meta
+    chunks = [pipeline.Chunk(f, view(flat, at, dt, box.sizes), shape, box) for f, shape, box, dt, at in meta]
+    job = pipeline.Job(placed, chunks, fingerprint, layout=layout)
+    g = Group(None)
+    desk = pipeline.seat_shared(g, job, opts)
+    done = pipeline.write_shared(g, job, desk, path, opts, time.perf_counter())
+    return pipeline.summary(path, done, stall)
+
+
+_SAVER = _Saver()
+atexit.register(lambda: _SAVER.shutdown())
+
+
+def async_save(
+    state_dict: Mapping, path, opts: pipeline.Options, group: Any = None, if_busy: str = "wait", mode: str = "thread"
+) -> SaveFuture:
+    """See :func:`hf_storage.async_save`."""
+    if if_busy not in ("wait", "raise"):
+        raise ValueError(f"if_busy must be 'wait' or 'raise', got {if_busy!r}")
+    if mode not in ("thread", "process"):
+        raise ValueError(f"mode must be 'thread' or 'process', got {mode!r}")
+    saver = _SAVER
+    with saver.lock:
+        start = time.perf_counter()
+        saver.settle(if_busy)
+        g = Group(group)
+        job, desk = pipeline.plan_shared(state_dict, opts, g, assemble=mode == "thread")
+        job.chunks = saver.copies.stage(job.chunks, shared=mode == "process")
+        if mode == "process":
+            writer = saver.writer_for(g)
+            work: tuple = (writer.run, saver.copies, job, path, opts)
+        else:
+            work = (_write_here, Group(saver.group_for(g)), job, desk, path, opts)
+        future = SaveFuture()
+        saver.last = future
+        saver.executor.submit(_resolve, future, work, time.perf_counter() - start)
+    return future
+
+
+def _resolve(future: SaveFuture, work: tuple, stall: float) -> None:
+    fn, *args = work
+    try:
+        future.set_result(fn(*args, stall))
+    except BaseException as e:
+        future.set_exception(e)
+
+
+def _write_here(g: Group, job: pipeline.Job, desk, path, opts: pipeline.Options, stall: float):
+    done = pipeline.write_shared(g, job, desk, path, opts, time.perf_counter())
+    return pipeline.summary(path, done, stall)
