@@ -9,7 +9,9 @@ so every contender gets the same knobs where it has them:
   attribute is set to the row's durability so torch is not charged for fsyncs in the non-durable rows;
 * raw bounds: save writes each owned local tensor once (one ``write`` per tensor) to a per-rank file, no
   format; load issues one ``preadv`` per contiguous run, straight into the target tensor, with the file
-  offsets taken from the checkpoint's headers before the clock starts;
+  offsets taken from the checkpoint's headers before the clock starts. Which tensors a rank owns and the
+  box its local shard holds come from :mod:`hf_storage.shards` (the exact pieces our writers use), the runs
+  from :meth:`hf_storage.box.Box.runs`;
 * ``bulk pread + copy (ref)`` is a load reference beside the bound: whole rows in large reads, then a
   strided copy. For column shards it beats the per-run bound (fewer, larger syscalls for more bytes).
 """
@@ -29,7 +31,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 import hf_storage
-from hf_storage.layout import chunk_runs
+from hf_storage import shards
+from hf_storage.box import Box
 
 from . import names as N
 from .models import llama_params
@@ -80,12 +83,13 @@ def make_dtensor(shape, dtype, mesh, placements, fill: Callable[[torch.Tensor, i
     sizes, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
     local = torch.empty(sizes, dtype=dtype)
     fill(local, hash((key, tuple(offsets))) % 2**62)
-    stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
     return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
 
 
 def llama_state(cfg: dict, layout: str, mesh, *, zeros: bool = False, seed: int = 0) -> dict[str, DTensor]:
     """The sharded bf16 state of a llama-like config; random values (or zeros, for load targets)."""
+
     def fill(t: torch.Tensor, key: int) -> None:
         if zeros:
             t.zero_()
@@ -93,28 +97,33 @@ def llama_state(cfg: dict, layout: str, mesh, *, zeros: bool = False, seed: int 
             gen = torch.Generator().manual_seed(seed * 7919 + key)
             t.copy_(torch.randint(-(2**15), 2**15, t.shape, dtype=torch.int16, generator=gen).view(torch.bfloat16))
 
-    return {p.name: make_dtensor(p.shape, torch.bfloat16, mesh, placements_for(layout, len(p.shape)), fill, i)
-            for i, p in enumerate(llama_params(cfg))}
+    return {
+        p.name: make_dtensor(p.shape, torch.bfloat16, mesh, placements_for(layout, len(p.shape)), fill, i)
+        for i, p in enumerate(llama_params(cfg))
+    }
 
 
 def many_tensor_state(count: int, mesh, *, zeros: bool = False) -> dict[str, DTensor]:
     """``count`` fp32 8x8 DTensors, rows sharded over the mesh (issue 6's MoE-style case)."""
+
     def fill(t: torch.Tensor, key: int) -> None:
         t.zero_() if zeros else t.copy_(torch.arange(t.numel(), dtype=torch.float32).reshape(t.shape) + key % 1000)
 
-    return {f"experts.{i}.weight": make_dtensor((8, 8), torch.float32, mesh, [Shard(0)], fill, i)
-            for i in range(count)}
+    return {f"experts.{i}.weight": make_dtensor((8, 8), torch.float32, mesh, [Shard(0)], fill, i) for i in range(count)}
 
 
-def local_box(t: DTensor):
-    sizes, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    return t.to_local(), tuple(offsets), tuple(sizes)
+def local_box(t: DTensor) -> tuple[torch.Tensor, Box]:
+    """This rank's local shard and the box of the global tensor it holds (``hf_storage.shards``: one piece for
+    the Shard / Replicate layouts benchmarked here)."""
+    held = shards.of(t)
+    if len(held.pieces) != 1:
+        raise NotImplementedError(f"the raw bounds take one box per local shard; this one has {len(held.pieces)}")
+    return held.data, held.pieces[0].box
 
 
 def owns(t: DTensor) -> bool:
-    """Replicated data is written once, by mesh coordinate 0 of each replicated mesh dimension."""
-    coord = t.device_mesh.get_coordinate()
-    return coord is not None and all(c == 0 for c, p in zip(coord, t.placements, strict=True) if isinstance(p, Replicate))
+    """Replicated data is written once, by mesh coordinate 0 of each replicated mesh dimension (as our writers)."""
+    return shards.of(t).writes
 
 
 def local_bytes(state: dict[str, DTensor]) -> int:
@@ -132,7 +141,7 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
 
 def _write_all(fd: int, buf: memoryview) -> None:
     while buf:
-        buf = buf[os.write(fd, buf):]
+        buf = buf[os.write(fd, buf) :]
 
 
 def _fsync_tree(path: str) -> None:
@@ -168,8 +177,13 @@ def save_hf_dcp(state, out: str, o: Opts) -> None:
 
 
 def save_torch_hf(state, out: str, o: Opts) -> None:
-    writer = dcp.HuggingFaceStorageWriter(out, thread_count=o.threads, save_distributed=True,
-                                          enable_consolidation=True, thread_count_consolidation=o.threads)
+    writer = dcp.HuggingFaceStorageWriter(
+        out,
+        thread_count=o.threads,
+        save_distributed=True,
+        enable_consolidation=True,
+        thread_count_consolidation=o.threads,
+    )
     writer.sync_files = o.durable
     dcp.save(state, storage_writer=writer)
 
@@ -219,9 +233,9 @@ def load_safetensors(target, ckpt: str, o: Opts) -> None:
             t = target.get(name)
             if t is None:
                 continue
-            local, offsets, sizes = local_box(t)
+            local, box = local_box(t)
             piece = stored
-            for d, (off, n) in enumerate(zip(offsets, sizes, strict=True)):
+            for d, (off, n) in enumerate(zip(box.offsets, box.sizes, strict=True)):
                 piece = piece.narrow(d, off, n)
             local.copy_(piece)
         del full
@@ -245,14 +259,14 @@ def load_raw(target, ckpt: str, o: Opts, where: dict) -> None:
             path, begin, shape = where[name]
             if path not in fds:
                 fds[path] = os.open(path, os.O_RDONLY)
-            local, offsets, sizes = local_box(t)
-            starts, length = chunk_runs(shape, offsets, sizes)
+            local, box = local_box(t)
+            starts, length = box.runs(shape)
             item = local.element_size()
             run = length * item
             mv = _as_bytes(local)
             fd = fds[path]
             for k, s in enumerate(starts.tolist()):
-                if os.preadv(fd, [mv[k * run:(k + 1) * run]], begin + s * item) != run:
+                if os.preadv(fd, [mv[k * run : (k + 1) * run]], begin + s * item) != run:
                     raise OSError(f"short read in {path}")
     finally:
         for fd in fds.values():
@@ -271,12 +285,13 @@ def load_bulk(target, ckpt: str, o: Opts, where: dict, budget: int = 64 * 2**20)
         for name, t in target.items():
             path, begin, shape = where[name]
             fd = fds.get(path) or fds.setdefault(path, os.open(path, os.O_RDONLY))
-            local, offsets, sizes = local_box(t)
+            local, box = local_box(t)
             if local.numel() == 0:
                 continue
+            offsets, sizes = box
             item = local.element_size()
             if len(shape) != 2 or sizes[1] == shape[1]:
-                starts, length = chunk_runs(shape, offsets, sizes)
+                starts, length = box.runs(shape)
                 if len(starts) != 1:
                     raise NotImplementedError(f"bulk reference handles 2-D tensors only ({name}: {shape})")
                 _pread_all(fd, _as_bytes(local), begin + int(starts[0]) * item)
@@ -287,10 +302,10 @@ def load_bulk(target, ckpt: str, o: Opts, where: dict, budget: int = 64 * 2**20)
                 scratch = torch.empty(min(step, sizes[0]) * row, dtype=torch.uint8)
             for r0 in range(0, sizes[0], step):
                 n = min(step, sizes[0] - r0)
-                block = scratch[:n * row]
+                block = scratch[: n * row]
                 _pread_all(fd, _as_bytes(block), begin + (offsets[0] + r0) * row)
                 rows = block.view(local.dtype).view(n, shape[1])
-                local[r0:r0 + n].copy_(rows[:, offsets[1]:offsets[1] + sizes[1]])
+                local[r0 : r0 + n].copy_(rows[:, offsets[1] : offsets[1] + sizes[1]])
     finally:
         for fd in fds.values():
             os.close(fd)

@@ -16,15 +16,39 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Published Hugging Face config.json values (meta-llama/Llama-3.1-{8B,70B,405B}).
 LLAMA_CONFIGS: dict[str, dict[str, int]] = {
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
-    "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                      num_attention_heads=64, num_key_value_heads=8, vocab_size=128256),
-    "llama-405b": dict(hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
-                       num_attention_heads=128, num_key_value_heads=8, vocab_size=128256),
+    "llama-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "llama-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "llama-405b": dict(
+        hidden_size=16384,
+        intermediate_size=53248,
+        num_hidden_layers=126,
+        num_attention_heads=128,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
 }
-_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-           "num_key_value_heads", "vocab_size")
+_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
 _YAML_STEMS = {"llama-8b": "llama3_8b", "llama-70b": "llama3_70b", "llama-405b": "llama3_405b"}
 
 
@@ -104,10 +128,17 @@ def llama_like(target_bytes: int, itemsize: int = 2) -> dict[str, int]:
     dimension is a multiple of 32 so rows and columns split evenly over 2, 4 and 2 x 2 meshes.
     """
     for h in (2048, 1024, 512, 256, 128, 64):
-        cfg = dict(hidden_size=h, intermediate_size=(h * 11 // 4 + 31) // 32 * 32, num_hidden_layers=1,
-                   num_attention_heads=max(1, h // 128), num_key_value_heads=max(1, h // 512), vocab_size=16 * h)
+        cfg = dict(
+            hidden_size=h,
+            intermediate_size=(h * 11 // 4 + 31) // 32 * 32,
+            num_hidden_layers=1,
+            num_attention_heads=max(1, h // 128),
+            num_key_value_heads=max(1, h // 512),
+            vocab_size=16 * h,
+        )
         per_layer = state_bytes({**cfg, "num_hidden_layers": 1}, itemsize) - state_bytes(
-            {**cfg, "num_hidden_layers": 0}, itemsize)
+            {**cfg, "num_hidden_layers": 0}, itemsize
+        )
         fixed = state_bytes({**cfg, "num_hidden_layers": 0}, itemsize)
         if fixed + 2 * per_layer <= target_bytes or h == 64:
             cfg["num_hidden_layers"] = max(1, round((target_bytes - fixed) / per_layer))

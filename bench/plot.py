@@ -33,7 +33,9 @@ def _memory(ax, cases: list[dict]) -> None:
         ax.set_visible(False)
         return
     labels = sorted(worst, key=worst.get)
-    ax.barh(labels, [max(worst[k], 0.1) for k in labels], color=["C0" if k.startswith("save") else "C1" for k in labels])
+    ax.barh(
+        labels, [max(worst[k], 0.1) for k in labels], color=["C0" if k.startswith("save") else "C1" for k in labels]
+    )
     ax.set_xscale("log")
     ax.axvline(100, color="k", ls="--", lw=0.8)
     ax.set_xlabel("peak RSS growth per rank, MB (worst case; log)")
@@ -42,8 +44,10 @@ def _memory(ax, cases: list[dict]) -> None:
 
 
 def _growth(ax, cases: list[dict]) -> None:
-    rows = sorted((c for c in cases if c["layout"] == "row" and not c["durable"] and c.get("save_summary")),
-                  key=lambda c: (c["world"], c["bytes"]))
+    rows = sorted(
+        (c for c in cases if c["layout"] == "row" and not c["durable"] and c.get("save_summary")),
+        key=lambda c: (c["world"], c["bytes"]),
+    )
     worlds = sorted({c["world"] for c in rows})
     shown = False
     for w in worlds:
@@ -99,10 +103,13 @@ def plot(data: dict, path: Path) -> Path | None:
     _growth(axes[2][0], cases)
     _many(axes[2][1], data.get("many"))
     m = data["meta"]["machine"]
-    fig.suptitle(f"hf_storage benchmark {data['meta']['date'][:10]} - {m['cpu']}, {m['cores']} cores, "
-                 f"{m['memory_gb']} GiB, torch {m['torch']}; median of {data['meta']['reps']} "
-                 f"(torch HF writer, gather: {data['meta'].get('slow_reps', data['meta']['reps'])}); "
-                 f"{data['meta']['cache']}-cache loads", fontsize=11)
+    fig.suptitle(
+        f"hf_storage benchmark {data['meta']['date'][:10]} - {m['cpu']}, {m['cores']} cores, "
+        f"{m['memory_gb']} GiB, torch {m['torch']}; median of {data['meta']['reps']} "
+        f"(torch HF writer, gather: {data['meta'].get('slow_reps', data['meta']['reps'])}); "
+        f"{data['meta']['cache']}-cache loads",
+        fontsize=11,
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -4,13 +4,15 @@
     .venv/bin/python -m bench.run --quick        # smoke test: small sizes, 1 repetition
     .venv/bin/python -m bench.run --world-sizes 2 --layouts row --sizes 0.5 1 --reps 5
     .venv/bin/python -m bench.run --section many-tensors
+    .venv/bin/python -m bench.run --section async         # async checkpointing only (bench/async_bench.py)
 
 Method
   * One pool of gloo worker processes per world size is spawned once; every contender runs inside it,
     so process start-up and imports are outside the timings (one untimed warm-up of every contender first).
   * Repetitions alternate the contenders, rotating their order each repetition; the table reports the
     median. Each case starts with one untimed raw write of its state (the first large write after
-    allocating it is often several times slower here, and would land on whichever contender runs first). A barrier precedes each run; a run's time is the slowest rank's; output goes to a fresh
+    allocating it is often several times slower here, and would land on whichever contender runs first).
+    A barrier precedes each run; a run's time is the slowest rank's; output goes to a fresh
     directory that is deleted (and the page cache synced) after the run, outside the clock.
   * Save rows without fsync measure writing into the page cache, as the raw bound does. The durable rows
     fsync (ours: ``durable=True``; torch: ``sync_files=True``); the bound there is write + fsync.
@@ -37,6 +39,8 @@ Default matrix (chosen to finish in about 12 minutes on this 2-core machine when
   * 4 ranks: row, column and 2-D ([Shard(0), Shard(1)] on a 2 x 2 mesh) at ``--size`` (0.5 GB), so every
     layout and world size compares at the same 0.5 GB;
   * 2 ranks: 50,000 fp32 8x8 DTensors, save and load (``--many-count``), ``--many-reps`` (1) repetitions;
+  * 2 ranks: async checkpointing (``bench/async_bench.py``; about 6 more minutes): stall, time to commit, RSS
+    over 5 saves in a row and the slowdown of a training step, rows and columns at ``--async-gb`` (1 GB);
   * ``--reps`` (3) repetitions, but the two slow contenders (torch's consolidating HF writer and gather +
     save_file, 5-20x slower than the rest) run ``--slow-reps`` (1) times: their median is of one run.
   ``--cross`` runs every size for every layout and world size instead. ``--profile CONTENDER`` writes a
@@ -164,8 +168,11 @@ def timed(fn, profile: str | None = None) -> dict:
     mine = torch.tensor([dt, mem.growth, cpu], dtype=torch.float64)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
-    return {"s": max(float(v[0]) for v in every), "mem_mb": [float(v[1]) / 1e6 for v in every],
-            "cpu_s": sum(float(v[2]) for v in every)}
+    return {
+        "s": max(float(v[0]) for v in every),
+        "mem_mb": [float(v[1]) / 1e6 for v in every],
+        "cpu_s": sum(float(v[2]) for v in every),
+    }
 
 
 def _cpu() -> float:
@@ -229,8 +236,9 @@ def _profile_path(s: Settings, o, kind: str, name: str, tag: str, rep: int) -> s
     return os.path.join(s.out_dir, f"profile-{slug}.prof")
 
 
-def _save_runs(state, names, o, s: Settings, counter, tag: str, reps: int, say: bool = True,
-               slow_reps: int | None = None) -> dict:
+def _save_runs(
+    state, names, o, s: Settings, counter, tag: str, reps: int, say: bool = True, slow_reps: int | None = None
+) -> dict:
     from . import contenders as C
 
     out: dict[str, list] = {n: [] for n in names}
@@ -248,16 +256,16 @@ def _save_runs(state, names, o, s: Settings, counter, tag: str, reps: int, say: 
     return out
 
 
-def _load_runs(state, target, names, o, s: Settings, tag: str, reps: int, say: bool = True,
-               slow_reps: int | None = None) -> dict:
+def _load_runs(
+    state, target, names, o, s: Settings, tag: str, reps: int, say: bool = True, slow_reps: int | None = None
+) -> dict:
     from . import contenders as C
 
     ckpt = os.path.join(s.scratch, "ckpt")
     C.save_hf(state, ckpt, o)
     _cleanup(os.path.join(s.scratch, "none"), o.rank)  # barrier + sync: the checkpoint is on disk
     where = C.raw_load_plan(ckpt)
-    fns = {n: functools.partial(C.LOAD[n], target, ckpt, o, *((where,) if n in N.NEEDS_WHERE else ()))
-           for n in names}
+    fns = {n: functools.partial(C.LOAD[n], target, ckpt, o, *((where,) if n in N.NEEDS_WHERE else ())) for n in names}
     out: dict[str, list] = {n: [] for n in names}
     for rep, name in _schedule(names, reps, slow_reps):
         _zero(target)
@@ -279,10 +287,20 @@ def _run_case(case: Case, o, s: Settings, counter) -> dict:
     cfg = llama_like(int(case.size_gb * 1e9))
     state = C.llama_state(cfg, case.layout, mesh)
     _settle()
-    res = {**asdict(case), "label": case.label, "bytes": C.total_bytes(state), "config": cfg,
-           "local_bytes": C.local_bytes(state), "save": {}, "load": {}}
-    _say(o.rank, f"{case.label}: {res['bytes'] / 1e9:.3f} GB, {len(state)} tensors, "
-                 f"{cfg['num_hidden_layers']} layers of hidden {cfg['hidden_size']}")
+    res = {
+        **asdict(case),
+        "label": case.label,
+        "bytes": C.total_bytes(state),
+        "config": cfg,
+        "local_bytes": C.local_bytes(state),
+        "save": {},
+        "load": {},
+    }
+    _say(
+        o.rank,
+        f"{case.label}: {res['bytes'] / 1e9:.3f} GB, {len(state)} tensors, "
+        f"{cfg['num_hidden_layers']} layers of hidden {cfg['hidden_size']}",
+    )
     names = [n for n in (N.DURABLE_SAVE if case.durable else N.SAVE) if n in s.save_names]
     res["save"] = _save_runs(state, names, o, s, counter, case.label, s.reps, slow_reps=s.slow_reps)
     if not case.durable and s.load_names:
@@ -318,8 +336,14 @@ def _warm_up(o, s: Settings) -> None:
     from . import contenders as C
 
     mesh = C.mesh_for("row", o.world)
-    tiny = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 1, "num_attention_heads": 1,
-            "num_key_value_heads": 1, "vocab_size": 256}
+    tiny = {
+        "hidden_size": 64,
+        "intermediate_size": 192,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 1,
+        "num_key_value_heads": 1,
+        "vocab_size": 256,
+    }
     state = C.llama_state(tiny, "row", mesh)
     _save_runs(state, s.save_names, o, s, itertools.count(10**6), "warm-up", 1, say=False)
     target = C.llama_state(tiny, "row", mesh, zeros=True)
@@ -327,8 +351,9 @@ def _warm_up(o, s: Settings) -> None:
 
 
 def _worker(rank: int, world: int, port: int, s: Settings, many: bool, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     try:
         import itertools
 
@@ -362,13 +387,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_world(world: int, s: Settings, many: bool, timeout: float) -> dict:
+def run_world(world: int, s, many: bool, timeout: float, worker=None) -> dict:
+    """Spawn ``world`` ranks running ``worker`` (default: this module's) and return rank 0's result."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, s, many, queue)) for r in range(world)]
+    procs = [ctx.Process(target=worker or _worker, args=(r, world, port, s, many, queue)) for r in range(world)]
     for p in procs:
         p.start()
     deadline, got, result = time.monotonic() + timeout, 0, None
@@ -378,7 +404,9 @@ def run_world(world: int, s: Settings, many: bool, timeout: float) -> dict:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"benchmark workers (world {world}) still running after {timeout:.0f} s")
                 if not any(p.is_alive() for p in procs) and queue.empty():
-                    raise RuntimeError(f"benchmark workers (world {world}) died: exit codes {[p.exitcode for p in procs]}")
+                    raise RuntimeError(
+                        f"benchmark workers (world {world}) died: exit codes {[p.exitcode for p in procs]}"
+                    )
                 time.sleep(0.05)
                 continue
             rank, status, value = queue.get()
@@ -396,16 +424,19 @@ def run_world(world: int, s: Settings, many: bool, timeout: float) -> dict:
 
 
 # -- summary, tables, JSON ------------------------------------------------------------------------
-def summarize(runs: dict[str, list], nbytes: int, bound: str | None = N.BOUND,
-              torch_name: str | None = None) -> dict:
+def summarize(runs: dict[str, list], nbytes: int, bound: str | None = N.BOUND, torch_name: str | None = None) -> dict:
     out = {}
     for name, rs in runs.items():
         if not rs:
             continue
         med = statistics.median(r["s"] for r in rs)
-        out[name] = {"median_s": med, "gbps": nbytes / med / 1e9 if med > 0 else 0.0,
-                     "cpu_s": statistics.median(r["cpu_s"] for r in rs),
-                     "mem_mb": max(max(r["mem_mb"]) for r in rs), "runs": rs}
+        out[name] = {
+            "median_s": med,
+            "gbps": nbytes / med / 1e9 if med > 0 else 0.0,
+            "cpu_s": statistics.median(r["cpu_s"] for r in rs),
+            "mem_mb": max(max(r["mem_mb"]) for r in rs),
+            "runs": rs,
+        }
     for v in out.values():
         if bound in out:
             v["x_bound"] = out[bound]["median_s"] / v["median_s"]
@@ -415,8 +446,11 @@ def summarize(runs: dict[str, list], nbytes: int, bound: str | None = N.BOUND,
 
 
 def _table(title: str, rows: list[tuple[str, dict]], with_gbps: bool = True) -> str:
-    head = f"{'case':<24} {'contender':<30} {'median s':>9}" + (f" {'GB/s':>7} {'x bound':>8}" if with_gbps else "") \
+    head = (
+        f"{'case':<24} {'contender':<30} {'median s':>9}"
+        + (f" {'GB/s':>7} {'x bound':>8}" if with_gbps else "")
         + f" {'x torch':>8} {'cpu s':>7} {'mem MB':>8}"
+    )
     lines = [title, head, "-" * len(head)]
     last = None
     for label, summ in rows:
@@ -424,7 +458,8 @@ def _table(title: str, rows: list[tuple[str, dict]], with_gbps: bool = True) -> 
             lines.append(
                 f"{label if label != last else '':<24} {name:<30} {v['median_s']:9.3f}"
                 + (f" {v['gbps']:7.2f} {v.get('x_bound', float('nan')):8.2f}" if with_gbps else "")
-                + f" {v.get('x_torch', float('nan')):8.2f} {v['cpu_s']:7.2f} {v['mem_mb']:8.1f}")
+                + f" {v.get('x_torch', float('nan')):8.2f} {v['cpu_s']:7.2f} {v['mem_mb']:8.1f}"
+            )
             last = label
     return "\n".join(lines)
 
@@ -438,11 +473,14 @@ def report(data: dict) -> str:
         if c["load"]:
             c["load_summary"] = summarize(c["load"], c["bytes"], torch_name=N.TORCH_LOAD)
             load_rows.append((c["label"], c["load_summary"]))
-    note = (f"median of {data['meta']['reps']}, of {data['meta'].get('slow_reps', data['meta']['reps'])} for "
-            f"{' and '.join(N.SLOW)}; GB/s of checkpoint bytes; x bound = bound time / contender time; "
-            f"x torch = torch HF time / contender time; cpu = CPU seconds of all ranks (median); "
-            f"mem = peak RSS growth, max over ranks and repetitions")
-    parts.append(_table(f"SAVE ({note})", save_rows))
+    note = (
+        f"median of {data['meta']['reps']}, of {data['meta'].get('slow_reps', data['meta']['reps'])} for "
+        f"{' and '.join(N.SLOW)}; GB/s of checkpoint bytes; x bound = bound time / contender time; "
+        f"x torch = torch HF time / contender time; cpu = CPU seconds of all ranks (median); "
+        f"mem = peak RSS growth, max over ranks and repetitions"
+    )
+    if save_rows:
+        parts.append(_table(f"SAVE ({note})", save_rows))
     if load_rows:
         parts.append(_table(f"LOAD ({data['meta']['cache']} page cache; targets preallocated)", load_rows))
     m = data.get("many")
@@ -450,9 +488,17 @@ def report(data: dict) -> str:
         m["save_summary"] = summarize(m["save"], m["bytes"], bound=None, torch_name=N.TORCH_SAVE)
         m["load_summary"] = summarize(m["load"], m["bytes"], bound=None, torch_name=N.TORCH_LOAD)
         label = f"{m['count']} x fp32 8x8 W={m['world']}"
-        parts.append(_table(f"MANY TENSORS (median of {data['meta']['many_reps']})",
-                            [(label + " save", m["save_summary"]), (label + " load", m["load_summary"])],
-                            with_gbps=False))
+        parts.append(
+            _table(
+                f"MANY TENSORS (median of {data['meta']['many_reps']})",
+                [(label + " save", m["save_summary"]), (label + " load", m["load_summary"])],
+                with_gbps=False,
+            )
+        )
+    if data.get("async"):
+        from . import async_bench
+
+        parts.append(async_bench.report(data["async"]))
     return "\n\n".join(parts)
 
 
@@ -468,9 +514,16 @@ def machine() -> dict:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     from importlib.metadata import version
 
-    return {"cpu": model, "cores": os.cpu_count(), "memory_gb": round(mem / 2**30, 1), "kernel": platform.release(),
-            "python": platform.python_version(), "torch": version("torch"), "safetensors": version("safetensors"),
-            "load_average": os.getloadavg()}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "safetensors": version("safetensors"),
+        "load_average": os.getloadavg(),
+    }
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -493,36 +546,57 @@ def build_cases(a) -> list[Case]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="small sizes, 1 repetition, 2 000 tiny tensors (smoke test)")
-    p.add_argument("--section", choices=("all", "main", "many-tensors"), default="all")
-    p.add_argument("--sizes", type=float, nargs="+", help="GB; the row layout at the smallest world size (default 0.5 1 2)")
+    p.add_argument("--section", choices=("all", "main", "many-tensors", "async"), default="all")
+    p.add_argument(
+        "--sizes", type=float, nargs="+", help="GB; the row layout at the smallest world size (default 0.5 1 2)"
+    )
     p.add_argument("--size", type=float, help="GB for the other layouts / world sizes (default 0.5)")
     p.add_argument("--durable-size", type=float, help="GB for the durable save case; 0 skips it (default 0.5)")
     p.add_argument("--cross", action="store_true", help="every size for every layout and world size")
     p.add_argument("--layouts", nargs="+", default=["row", "col", "2d"])
     p.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     p.add_argument("--reps", type=int, help="repetitions per contender (default 3; --quick 1)")
-    p.add_argument("--slow-reps", type=int, default=1,
-                   help=f"repetitions of the slow contenders ({', '.join(N.SLOW)}) in the main section (default 1)")
-    p.add_argument("--profile", nargs="+", default=[], metavar="CONTENDER",
-                   help="cProfile these contenders on rank 0 (every run; the runs are slower): "
-                        "RESULTS/profile-*.prof, top functions printed at the end")
+    p.add_argument(
+        "--slow-reps",
+        type=int,
+        default=1,
+        help=f"repetitions of the slow contenders ({', '.join(N.SLOW)}) in the main section (default 1)",
+    )
+    p.add_argument(
+        "--profile",
+        nargs="+",
+        default=[],
+        metavar="CONTENDER",
+        help="cProfile these contenders on rank 0 (every run; the runs are slower): "
+        "RESULTS/profile-*.prof, top functions printed at the end",
+    )
     p.add_argument("--threads", type=int, default=4, help="thread_count given to every contender that takes one")
     p.add_argument("--max-shard-size", default="5GB", help="file size policy for our writers ('none' = one file)")
     p.add_argument("--many-count", type=int, help="tensors in the many-tensors section (default 50000; --quick 2000)")
     p.add_argument("--many-reps", type=int, help="repetitions for the many-tensors section (default 1)")
     p.add_argument("--contenders", nargs="+", help="only these contenders (names as printed; the bound is always run)")
     p.add_argument("--warm", action="store_true", help="do not drop the page cache before loads")
-    p.add_argument("--checksums", choices=("default", "on", "off"), default="default",
-                   help="checksums= for this project's writers (default: their own default)")
+    p.add_argument(
+        "--checksums",
+        choices=("default", "on", "off"),
+        default="default",
+        help="checksums= for this project's writers (default: their own default)",
+    )
     p.add_argument("--no-warm-up", action="store_true", help="skip the untimed warm-up run of every contender")
     p.add_argument("--scratch", help="directory for checkpoint files (default: a fresh one under /tmp)")
     p.add_argument("--out", default=str(RESULTS), help="results directory (JSON and PNG)")
     p.add_argument("--no-docs", action="store_true", help="do not copy the plot to docs/bench.png")
     p.add_argument("--from-json", metavar="PATH", help="run nothing: redraw the tables and plot from a bench.json")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before a world size's workers are killed")
+    from . import async_bench
+
+    async_bench.add_args(p)
     a = p.parse_args(argv)
     q = a.quick
     a.sizes = a.sizes or ([0.064] if q else [0.5, 1.0, 2.0])
@@ -551,19 +625,39 @@ def main(argv=None) -> dict:
     os.makedirs(scratch, exist_ok=True)
     cases = build_cases(a) if a.section in ("all", "main") else []
     many_world = 2 if a.section in ("all", "many-tensors") and a.many_count > 0 else None
-    settings = Settings(reps=a.reps, threads=a.threads,
-                        max_shard_size=None if str(a.max_shard_size).lower() == "none" else a.max_shard_size,
-                        cold=cold, scratch=scratch, save_names=pick(N.SAVE), load_names=pick(N.LOAD),
-                        many_count=a.many_count, many_reps=a.many_reps, warm_up=not a.no_warm_up,
-                        slow_reps=min(a.slow_reps, a.reps), profile=list(a.profile), out_dir=a.out,
-                        checksums={"default": None, "on": True, "off": False}[a.checksums])
+    settings = Settings(
+        reps=a.reps,
+        threads=a.threads,
+        max_shard_size=None if str(a.max_shard_size).lower() == "none" else a.max_shard_size,
+        cold=cold,
+        scratch=scratch,
+        save_names=pick(N.SAVE),
+        load_names=pick(N.LOAD),
+        many_count=a.many_count,
+        many_reps=a.many_reps,
+        warm_up=not a.no_warm_up,
+        slow_reps=min(a.slow_reps, a.reps),
+        profile=list(a.profile),
+        out_dir=a.out,
+        checksums={"default": None, "on": True, "off": False}[a.checksums],
+    )
     started, started_wall = time.perf_counter(), time.time()
-    data = {"meta": {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                     "machine": machine(), "reps": a.reps, "many_reps": a.many_reps, "threads": a.threads,
-                     "slow_reps": settings.slow_reps, "checksums": a.checksums,
-                     "cache": "cold" if cold else "warm", "max_shard_size": settings.max_shard_size,
-                     "argv": sys.argv[1:] if argv is None else list(argv)},
-            "cases": [], "many": None}
+    data = {
+        "meta": {
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "machine": machine(),
+            "reps": a.reps,
+            "many_reps": a.many_reps,
+            "threads": a.threads,
+            "slow_reps": settings.slow_reps,
+            "checksums": a.checksums,
+            "cache": "cold" if cold else "warm",
+            "max_shard_size": settings.max_shard_size,
+            "argv": sys.argv[1:] if argv is None else list(argv),
+        },
+        "cases": [],
+        "many": None,
+    }
     print(f"scratch {scratch}; loads read a {data['meta']['cache']} page cache", flush=True)
     try:
         worlds = sorted({c.world for c in cases} | ({many_world} if many_world else set()))
@@ -572,6 +666,10 @@ def main(argv=None) -> dict:
             res = run_world(w, s, many=(w == many_world), timeout=a.timeout)
             data["cases"] += res["cases"]
             data["many"] = res["many"] or data["many"]
+        if a.section in ("all", "async"):
+            from . import async_bench
+
+            data["async"] = async_bench.run_section(async_bench.settings_from(a, scratch), a.timeout)
     finally:
         if not a.scratch:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -590,7 +688,7 @@ def _publish(data: dict, text: str, a, started_wall: float) -> None:
     (out / "bench.txt").write_text(text + "\n")
     from .plot import plot
 
-    png = plot(data, out / "bench.png")
+    png = plot(data, out / "bench.png") if data["cases"] or data.get("many") else None
     if png and not a.quick and not a.no_docs and out.resolve() == RESULTS.resolve():
         (REPO / "docs").mkdir(exist_ok=True)
         shutil.copyfile(png, REPO / "docs" / "bench.png")

@@ -7,26 +7,39 @@
 What is simulated, for a Llama model (``configs/model/*.yaml`` when present, else the HF config values in
 :mod:`bench.models`) sharded FSDP x TP over a 2-D mesh of N ranks (TP = min(8, N) within a "node", FSDP =
 N / TP; placements as torchtitan: FSDP Shard(0), TP Shard(0) for column-parallel weights, Shard(1) for
-o_proj/down_proj, norms replicated over TP). Every rank's chunk box is computed here with torch.chunk
-semantics, as DTensor's ``Shard`` does (mesh dimensions left to right; an empty chunk sits at the end).
+o_proj/down_proj, norms replicated over TP).
 
-Gather-free path (``hf_storage.save``), every step as the real code runs it:
-  * plan: ``hf_storage.layout.plan`` over the global specs plus the layout fingerprint -- what *every*
+Gather-free path (``hf_storage.save``, the phases of ``hf_storage.pipeline``), every step as the real code
+runs it:
+  * plan: ``hf_storage.layout.plan`` over the global specs plus ``pipeline.fingerprint`` -- what *every*
     rank computes locally; independent of N;
-  * runs: ``hf_storage.layout.chunk_runs`` (and the file offsets) for each chunk a rank writes, for the
-    first rank (coordinate (0, 0): under torch.chunk it holds the largest chunk of every tensor, so it is
-    the worst rank), the middle rank and the last rank;
-  * commit: rank 0 unpickles the N gathered reports (each rank's per-tensor byte and checksum tally, as
-    ``hf_storage.save`` sends it) and runs ``hf_storage.api._commit_reports`` (fingerprint check, byte
-    tally, checksum merge); the index write and the publish rename are replaced by no-ops.
+  * cover: the exact-coverage proof of ``pipeline.plan`` (``hf_storage.shards.check_cover`` for every
+    tensor: ``shards._dim_cover`` per tensor dimension, cached per distinct (dim size, placements, mesh
+    sizes)), from a cold cache, as a rank's first save runs it; every rank runs it, and it grows with N;
+  * pieces: the exact pieces a rank writes (``hf_storage.shards._pieces``, what ``pipeline.chunks_of``
+    reads through ``shards.of``) on a duck-typed mesh (:class:`SimMesh`: sizes + this rank's coordinate;
+    no DeviceMesh, no process group), from cold caches;
+  * runs: ``engine.Place.span`` (``Box.runs`` and the file offsets, as ``engine.write_box`` computes them)
+    for each piece a rank writes, for the first rank (coordinate (0, 0): under torch.chunk it holds the
+    largest chunk of every tensor, so it is the worst rank), the middle rank and the last rank;
+  * commit: rank 0 unpickles the N gathered ``pipeline.Report``s (each rank's per-tensor byte and CRC
+    tally, ``pipeline.Tally.items()``, as ``hf_storage.save`` sends it), then ``pipeline.agree`` (errors,
+    fingerprints, tally merge) and ``pipeline.finalize`` (exact byte coverage, checksums, index JSON) with the
+    file writes and the publish of ``hf_storage.publish`` replaced by no-ops;
+  * node: row-assembly planning on the node of rank 0 (its TP group): ``row_assembly.schedule`` over the
+    ``row_assembly.Part``s of that node's ranks (those ``row_assembly.wanted``), as every rank of the node
+    runs it after reading its mates' parts.
 DCP coordinator path (``dcp.save`` with ``hf_storage.HuggingFaceStorageWriter``):
   * the N local ``SavePlan``s are built as DCP builds them (``WriteItem`` / ``TensorWriteData`` /
-    ``ChunkStorageMetadata`` / ``TensorProperties``, one item per chunk, planner_data = the flatten
-    mapping), outside the clock -- in a real job each rank builds its own;
+    ``ChunkStorageMetadata`` / ``TensorProperties``, one item per DTensor chunk with torch.chunk semantics as
+    DTensor's ``compute_local_shape_and_global_offset`` gives it -- :func:`box`; planner_data = the flatten
+    mapping; storage_data = the ``pipeline.Ready`` seat that ``prepare_local_plan`` attaches on a rank with
+    column shards), outside the clock -- in a real job each rank builds its own;
   * torch's ``DefaultSavePlanner.create_global_plan`` (dedup of replicated items, metadata, validation);
-  * ours: ``HuggingFaceStorageWriter.prepare_global_plan`` with ``hf_storage.writer.create_files`` and the
-    staging directory creation replaced by no-ops (no file is created), then ``finish`` over N x T
-    ``WriteResult``s with the index write and publish as no-ops.
+  * ours: ``HuggingFaceStorageWriter.prepare_global_plan`` (``specs_from_plans``, layout, node mates, each
+    rank's placements) with ``publish.prepare`` and ``pipeline.create_files`` replaced by no-ops (no file is
+    created), then ``finish`` over N x T ``WriteResult``s (``pipeline.finalize``) with the index write and
+    publish as no-ops.
   The DCP path is skipped where N x tensors exceeds ``--dcp-max-items`` (memory); its per-item cost is
   then extrapolated from the largest measured N and marked ``~``.
 
@@ -58,7 +71,7 @@ from .rss import RssPeak
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_RANKS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-TARGETS = {"plan_s": 10.0, "plan_mb": 2000.0, "runs_s": 1.0}
+TARGETS = {"plan_s": 10.0, "plan_mb": 2000.0, "runs_s": 1.0, "cover_s": 1.0}
 SHARD, REPLICATE = "S", "R"
 
 
@@ -125,6 +138,75 @@ def rank_chunks(params: list[Param], mesh: Mesh, rank: int, *, owned_only: bool)
         yield p, offsets, sizes
 
 
+# -- what a rank writes: hf_storage.shards on a simulated mesh -------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SimMesh:
+    """The part of a DeviceMesh that ``hf_storage.shards._pieces`` reads: its sizes and this rank's coordinate
+    (a root mesh: no submesh siblings). Hashable, so the library's caches work as on a real mesh."""
+
+    shape: tuple[int, ...]
+    coord: tuple[int, ...]
+
+    def get_coordinate(self) -> list[int]:
+        return list(self.coord)
+
+
+@functools.cache
+def torch_placements(places) -> tuple:
+    """The DTensor placements of :func:`placements`."""
+    from torch.distributed.tensor.placement_types import Replicate, Shard
+
+    return tuple(Shard(dim) if kind == SHARD else Replicate() for kind, dim in places)
+
+
+def rank_pieces(params: list[Param], mesh: Mesh, rank: int):
+    """``(param, box)`` of every piece this rank writes, as ``pipeline.chunks_of`` gets them from
+    ``hf_storage.shards`` (replicas only at coordinate 0; empty pieces skipped)."""
+    from hf_storage import shards
+
+    sim = SimMesh((mesh.dp, mesh.tp), mesh.coord(rank))
+    for p in params:
+        pieces, writes = shards._pieces(p.shape, sim, torch_placements(placements(p)), None)
+        if writes:
+            for piece in pieces:
+                if not piece.box.empty:
+                    yield p, piece.box
+
+
+def clear_piece_caches() -> None:
+    from hf_storage import shards
+
+    shards._pieces.cache_clear()
+    shards._indices.cache_clear()
+
+
+def cover_keys(params: list[Param], mesh: Mesh) -> set:
+    """The distinct ``(dim size, ((placement, mesh size), ...))`` that ``check_cover`` proves for the model."""
+    from hf_storage import shards
+
+    sizes, keys = (mesh.dp, mesh.tp), set()
+    for p in params:
+        pl = torch_placements(placements(p))
+        for n, ms in zip(p.shape, shards._sharding(pl, None, len(p.shape))):
+            keys.add((n, tuple((pl[m], sizes[m]) for m in ms)))
+    return keys
+
+
+def cover_proof(params: list[Param], mesh: Mesh) -> int:
+    """``shards.check_cover`` for every tensor, on the simulated placements (its loop, minus the DTensor):
+    ``_dim_cover`` per dimension. Returns the number of distinct proofs; raises if one fails."""
+    from hf_storage import shards
+
+    sizes = (mesh.dp, mesh.tp)
+    for p in params:
+        pl = torch_placements(placements(p))
+        for d, (n, ms) in enumerate(zip(p.shape, shards._sharding(pl, None, len(p.shape)))):
+            problem = shards._dim_cover(n, tuple((pl[m], sizes[m]) for m in ms))
+            if problem:
+                raise AssertionError(f"{p.name} dimension {d}: {problem}")
+    return shards._dim_cover.cache_info().currsize
+
+
 # -- measurement ---------------------------------------------------------------------------------
 def _timed_rss(fn):
     gc.collect()
@@ -167,22 +249,35 @@ def _best_time(fn, repeat: int = 3) -> float:
 
 @contextlib.contextmanager
 def no_file_io():
-    """Replace the few file operations of planning/commit with no-ops; the logic around them runs as is."""
-    import hf_storage.commit as hc
-    import hf_storage.writer as hw
+    """Replace the few file operations of prepare/publish with no-ops; the logic around them runs as is.
 
-    saved = {(hw, "create_files"): hw.create_files, (hc, "begin"): hc.begin,
-             (hc, "write_file"): hc.write_file, (hc, "publish"): hc.publish}
-    tmp = Path(tempfile.gettempdir()) / "hf-scale-sim-not-created"
-    hw.create_files = lambda staging, layout: None
-    hc.begin = lambda target, overwrite=True: tmp
-    hc.write_file = lambda directory, name, data, durable: None
-    hc.publish = lambda staging, target, durable: None
+    ``hf_storage.publish``: the lock + staging directory (``prepare``), small-file writes (``write_file``, the
+    index), fsyncs, the atomic swap (``publish``) and ``abort``; ``pipeline.create_files`` (the files with
+    their headers)."""
+    from hf_storage import pipeline
+    from hf_storage import publish as hp
+
+    names = {hp: ("prepare", "write_file", "fsync_path", "publish", "abort"), pipeline: ("create_files",)}
+    saved = {(mod, name): getattr(mod, name) for mod, ns in names.items() for name in ns}
+    hp.prepare = lambda target, overwrite=True, lock_wait=0.0: fake_staging(target)
+    hp.write_file = lambda directory, name, data, durable: None
+    hp.fsync_path = lambda path, directory=False: None
+    hp.publish = lambda staging, durable: None
+    hp.abort = lambda staging: None
+    pipeline.create_files = lambda directory, layout: True
     try:
         yield
     finally:
         for (mod, name), fn in saved.items():
             setattr(mod, name, fn)
+
+
+def fake_staging(target="/nonexistent-hf-scale-sim"):
+    """A ``publish.Staging`` naming directories that are never created, with no lock held."""
+    from hf_storage import publish
+
+    tmp = Path(tempfile.gettempdir()) / "hf-scale-sim-not-created"
+    return publish.Staging(tmp, Path(target), publish.Lock(tmp.with_suffix(".lock"), None))
 
 
 # -- gather-free path ----------------------------------------------------------------------------
@@ -196,98 +291,141 @@ def specs_of(params: list[Param]):
 
 def gather_free_plan(params: list[Param]):
     """What every rank runs before writing: the layout and its fingerprint."""
-    from hf_storage import api
+    from hf_storage import pipeline
     from hf_storage.layout import plan
 
     layout = plan(specs_of(params))
-    return layout, api._fingerprint(layout)
+    return layout, pipeline.fingerprint(layout)
 
 
 def rank_runs(params: list[Param], mesh: Mesh, rank: int, layout) -> tuple[int, int]:
-    """The write runs of one rank's chunks, as ``write_box`` computes them: ``(runs, bytes)``."""
-    from hf_storage.layout import chunk_runs
+    """The write runs of one rank's pieces, as ``engine.write_box`` computes them (``Place.span``: run starts
+    as file offsets, run length): ``(runs, bytes)``."""
+    from hf_storage.engine import Place
 
     runs = nbytes = 0
-    for p, offsets, sizes in rank_chunks(params, mesh, rank, owned_only=True):
-        starts, length = chunk_runs(p.shape, offsets, sizes)
-        _ = starts * 2 + layout.tensors[p.name].offset  # absolute file offsets, as _dispatch computes them
+    for p, box in rank_pieces(params, mesh, rank):
+        _, _, starts, length = Place(-1, layout.tensors[p.name].offset, p.shape).span(box, 2)
         runs += len(starts)
-        nbytes += length * 2 * len(starts)
+        nbytes += length * len(starts)
     return runs, nbytes
 
 
-def node_exchange_plan(params: list[Param], mesh: Mesh, layout) -> tuple[int, int]:
-    """Row-assembly planning on the node of rank 0 (its TP group), as ``hf_storage.exchange.arrange`` runs it
-    on each of that node's ranks: ``(boxes, bands handed over by rank 0)``."""
-    from hf_storage import exchange
+def node_parts(params: list[Param], mesh: Mesh, layout) -> list[list]:
+    """The ``row_assembly.Part``s of each rank on the node of rank 0 (its TP group: dp coordinate 0), as
+    ``pipeline.parts_for_assembly`` makes them: the pieces ``row_assembly.wanted`` takes (column shards)."""
+    from hf_storage import row_assembly
 
-    boxes = [[] for _ in range(mesh.size)]
-    nodes = [None] * mesh.size
-    for r in range(mesh.tp):  # the node's ranks: dp coordinate 0
-        nodes[r] = "node 0"
-        for p, offsets, sizes in rank_chunks(params, mesh, r, owned_only=True):
-            if exchange.wants(p.shape, offsets, sizes, 2):
+    out = []
+    for r in range(mesh.tp):
+        mine = []
+        for p, box in rank_pieces(params, mesh, r):
+            if row_assembly.wanted(p.shape, box, 2):
                 t = layout.tensors[p.name]
-                boxes[r].append(exchange.Box(p.name, offsets, sizes, p.shape, 2, t.file, t.offset))
-    sched = exchange.plan_exchange(boxes, nodes, exchange.slot_size(64 * 2**20), "t")[0]
-    return sum(map(len, boxes)), sum(len(v) for v in sched.bands.values())
+                mine.append(row_assembly.Part(p.name, box, p.shape, 2, t.file, t.offset))
+        out.append(mine)
+    return out
 
 
-def _chunk_result_factory():
-    """``make(fqn, nbytes, crc)`` building the writer's ChunkResult, with a crc only if it has that field."""
-    from hf_storage.writer import ChunkResult
+def node_schedule(parts: list[list]) -> tuple[int, int, int]:
+    """Row-assembly planning on one node, as ``row_assembly.join`` runs it on each of the node's ranks:
+    ``row_assembly.schedule`` over the node's parts. Returns ``(parts, bands handed over by the node's first
+    rank, rounds)``."""
+    from hf_storage import engine, row_assembly
 
-    if "crc" in {f.name for f in dataclasses.fields(ChunkResult)}:
-        return lambda fqn, nbytes, crc: ChunkResult(fqn=fqn, nbytes=nbytes, crc=crc)
-    return lambda fqn, nbytes, crc: ChunkResult(fqn=fqn, nbytes=nbytes)
+    scheds = row_assembly.schedule(parts, ["node 0"] * len(parts), row_assembly.slot_size(engine.DEFAULT_BUDGET))
+    first = scheds[0] if scheds else None
+    return (
+        sum(map(len, parts)),
+        sum(len(v) for v in first.bands.values()) if first else 0,
+        first.rounds if first else 0,
+    )
+
+
+def node_plan(params: list[Param], mesh: Mesh, layout) -> tuple[int, int, int]:
+    """The node's parts (pieces from warm caches, as the rest of a rank's plan leaves them), then its schedule."""
+    return node_schedule(node_parts(params, mesh, layout))
 
 
 def rank_report(params: list[Param], mesh: Mesh, rank: int, fingerprint: str, rng: random.Random) -> bytes:
-    """One rank's pickled report to the coordinator, as ``hf_storage.save`` builds it.
+    """One rank's pickled ``pipeline.Report`` to the coordinator, as ``hf_storage.save`` builds it: the
+    fingerprint and its ``pipeline.Tally`` rows, one ``(fqn, bytes, CRC share)`` per tensor it wrote."""
+    from hf_storage import pipeline
 
-    With ``hf_storage.writer.tally`` (current code): the fingerprint and one ``(fqn, bytes, crc)`` row per
-    tensor the rank wrote; without it (older code): one ``ChunkResult`` per written chunk.
-    """
-    from hf_storage import writer
-
-    make = _chunk_result_factory()
-    results = [make(p.name, math.prod(sizes) * 2, rng.getrandbits(32))
-               for p, _, sizes in rank_chunks(params, mesh, rank, owned_only=True)]
-    if hasattr(writer, "tally"):
-        results = [(k, *v) for k, v in writer.tally(results).items()]
-    return pickle.dumps((fingerprint, results), protocol=pickle.HIGHEST_PROTOCOL)
+    tally = pipeline.Tally()
+    for p, box in rank_pieces(params, mesh, rank):
+        tally.add(p.name, box.numel * 2, rng.getrandbits(32))
+    report = pipeline.Report(rank, fingerprint, tally.items())
+    return pickle.dumps(report, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def gather_free_commit(params: list[Param], mesh: Mesh, layout, fingerprint: str) -> dict:
-    """Rank 0's side of the commit: unpickle N reports, then ``_commit_reports`` with file I/O stubbed."""
-    from hf_storage import api
+    """Rank 0's side of agree + publish: unpickle N reports, ``pipeline.agree``, then ``pipeline.finalize``
+    with file I/O stubbed."""
+    from hf_storage import pipeline
 
     rng = random.Random(0)
     blobs = [rank_report(params, mesh, r, fingerprint, rng) for r in range(mesh.size)]
+    opts, staging = pipeline.Options(), fake_staging()
 
     def run():
         reports = [pickle.loads(b) for b in blobs]
         with no_file_io():
-            api._commit_reports(reports, Path("/nonexistent-staging"), "/nonexistent", layout, False, None)
+            pipeline.finalize(staging, layout, pipeline.agree(reports), opts)
 
     _, dt, mb = _timed_rss(run)
-    return {"commit_s": dt, "commit_mb": mb, "report_bytes": sum(map(len, blobs)),
-            "report_bytes_max": max(map(len, blobs))}
+    return {
+        "commit_s": dt,
+        "commit_mb": mb,
+        "report_bytes": sum(map(len, blobs)),
+        "report_bytes_max": max(map(len, blobs)),
+    }
 
 
 def run_gather_free(params: list[Param], mesh: Mesh, *, commit: bool) -> dict:
+    from hf_storage import shards
+
     (layout, fp), plan_s, plan_mb = _timed_trace(lambda: gather_free_plan(params))
     plan_s = min(plan_s, _best_time(lambda: gather_free_plan(params)))
     out = {"plan_s": plan_s, "plan_mb": plan_mb, "files": len(layout.files), "ranks": {}}
+    shards._dim_cover(3, (torch_placements(((SHARD, 0),)) + (2,),))  # torch's split ops warmed up, as on a rank
+    shards._dim_cover.cache_clear()  # cold, as in a rank's first save (the cache then lasts the process)
+    gc.collect()
+    t0 = time.perf_counter()
+    out["cover_keys"] = cover_proof(params, mesh)
+    out["cover_s"] = time.perf_counter() - t0
+    assert out["cover_keys"] == len(cover_keys(params, mesh))
     for label, rank in (("first", 0), ("middle", mesh.size // 2), ("last", mesh.size - 1)):
+
+        def pieces(r=rank):
+            clear_piece_caches()
+            return sum(1 for _ in rank_pieces(params, mesh, r))
+
+        count, _, pieces_mb = _timed_trace(pieces)
+        pieces_s = _best_time(pieces)
         (runs, nbytes), _, mb = _timed_trace(lambda r=rank: rank_runs(params, mesh, r, layout))
         dt = _best_time(lambda r=rank: rank_runs(params, mesh, r, layout))
-        out["ranks"][label] = {"rank": rank, "runs_s": dt, "runs_mb": mb, "runs": runs, "bytes": nbytes}
-    (boxes, bands), _, mb = _timed_trace(lambda: node_exchange_plan(params, mesh, layout))
-    out["exchange"] = {"s": _best_time(lambda: node_exchange_plan(params, mesh, layout)), "mb": mb,
-                       "boxes": boxes, "bands": bands}
+        out["ranks"][label] = {
+            "rank": rank,
+            "runs_s": dt,
+            "runs_mb": mb,
+            "runs": runs,
+            "bytes": nbytes,
+            "pieces": count,
+            "pieces_s": pieces_s,
+            "pieces_mb": pieces_mb,
+        }
+    (boxes, bands, rounds), _, mb = _timed_trace(lambda: node_plan(params, mesh, layout))
+    out["exchange"] = {
+        "s": _best_time(lambda: node_plan(params, mesh, layout)),
+        "mb": mb,
+        "boxes": boxes,
+        "bands": bands,
+        "rounds": rounds,
+    }
     worst = max(out["ranks"].values(), key=lambda v: (v["runs"], v["bytes"]))
     out["runs_s"] = max(v["runs_s"] for v in out["ranks"].values())
+    out["pieces_s"] = max(v["pieces_s"] for v in out["ranks"].values())
     out["runs_worst_rank"], out["runs_max"] = worst["rank"], worst["runs"]
     if commit:
         out.update(gather_free_commit(params, mesh, layout, fp))
@@ -296,21 +434,36 @@ def run_gather_free(params: list[Param], mesh: Mesh, *, commit: bool) -> dict:
 
 # -- DCP coordinator path ------------------------------------------------------------------------
 def local_save_plan(params: list[Param], mesh: Mesh, rank: int):
-    """The SavePlan DCP's default planner makes on ``rank``: one WriteItem per DTensor chunk."""
+    """The SavePlan DCP's default planner makes on ``rank`` (one WriteItem per DTensor chunk, its box as
+    DTensor's ``compute_local_shape_and_global_offset`` gives it), after our ``prepare_local_plan``: a rank
+    with column shards attaches its ``pipeline.Ready`` seat (node = its TP group)."""
     import torch
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
     from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
+    from hf_storage import dcp as hf_dcp
+    from hf_storage import pipeline, row_assembly
+
     items, mapping = [], {}
     for p, offsets, sizes in rank_chunks(params, mesh, rank, owned_only=False):
         off = torch.Size(offsets)
-        items.append(WriteItem(
-            index=MetadataIndex(p.name, off), type=WriteItemType.SHARD,
-            tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=off, sizes=torch.Size(sizes)),
-                                        properties=TensorProperties(dtype=torch.bfloat16),
-                                        size=torch.Size(p.shape))))
+        items.append(
+            WriteItem(
+                index=MetadataIndex(p.name, off),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=off, sizes=torch.Size(sizes)),
+                    properties=TensorProperties(dtype=torch.bfloat16),
+                    size=torch.Size(p.shape),
+                ),
+            )
+        )
         mapping[p.name] = (p.name,)
-    return SavePlan(items, planner_data=mapping)
+    plan = SavePlan(items, planner_data=mapping)
+    if any(True for _ in hf_dcp._column_items(plan)):
+        seat = row_assembly.Seat(f"node {rank // mesh.tp}", 100_000 + rank, 10, 11)
+        plan = dataclasses.replace(plan, storage_data=pipeline.Ready(rank, seat=seat))
+    return plan
 
 
 def unpickle_estimate(per_rank: list, sample: int = 16) -> tuple[float, float]:
@@ -344,12 +497,16 @@ def run_dcp(params: list[Param], mesh: Mesh, *, torch_planner: bool = True) -> d
 
     t0 = time.perf_counter()
     plans = [local_save_plan(params, mesh, r) for r in range(mesh.size)]
-    out = {"items": sum(len(p.items) for p in plans), "build_s": time.perf_counter() - t0,
-           "plan_bytes_rank0": len(pickle.dumps(plans[0], protocol=pickle.HIGHEST_PROTOCOL))}
+    out = {
+        "items": sum(len(p.items) for p in plans),
+        "build_s": time.perf_counter() - t0,
+        "plan_bytes_rank0": len(pickle.dumps(plans[0], protocol=pickle.HIGHEST_PROTOCOL)),
+    }
     out["gather_plans_s"], out["gather_plans_bytes"] = unpickle_estimate(plans)
     if torch_planner:
         (final, metadata), out["torch_global_s"], out["torch_global_mb"] = _timed_rss(
-            lambda: DefaultSavePlanner().create_global_plan(plans))
+            lambda: DefaultSavePlanner().create_global_plan(plans)
+        )
     else:  # torch's dedup alone, so our step sees the same (deduplicated) plans as in a real save
         from torch.distributed.checkpoint._dedup_save_plans import dedup_save_plans
 
@@ -361,24 +518,46 @@ def run_dcp(params: list[Param], mesh: Mesh, *, torch_planner: bool = True) -> d
     with no_file_io():
         ours, out["plan_s"], out["plan_mb"] = _timed_then_traced(lambda: writer.prepare_global_plan(final))
     out["layout"] = writer.layout
-    rng, make = random.Random(0), _chunk_result_factory()
-    results = [[WriteResult(index=it.index, size_in_bytes=math.prod(it.tensor_data.chunk.sizes) * 2,
-                            storage_data=(make(it.index.fqn, math.prod(it.tensor_data.chunk.sizes) * 2,
-                                               rng.getrandbits(32)),))  # the writer's per-item tuple
-                for it in p.items] for p in ours]
+    out["node_groups"] = sum(1 for p in ours if p.storage_data.mates)
+    rng = random.Random(0)
+    results = [
+        [
+            WriteResult(
+                index=it.index,
+                size_in_bytes=math.prod(it.tensor_data.chunk.sizes) * 2,
+                storage_data=((it.index.fqn, math.prod(it.tensor_data.chunk.sizes) * 2, rng.getrandbits(32)),),
+            )  # the writer's per-item tally rows
+            for it in p.items
+        ]
+        for p in ours
+    ]
     out["gather_results_s"], out["gather_results_bytes"] = unpickle_estimate(results)
+    staging = writer._staging
+
+    def finish():
+        writer._staging = staging  # finish() hands the staging over to publish: give it back for the rerun
+        writer.finish(metadata, results)
+
     with no_file_io():
-        _, out["finish_s"], out["finish_mb"] = _timed_then_traced(lambda: writer.finish(metadata, results))
+        _, out["finish_s"], out["finish_mb"] = _timed_then_traced(finish)
+    writer._staging = None
     out["placements_ok"] = all(
-        p.storage_data.placements.get(it.index.fqn) == (writer.layout.tensors[it.index.fqn].file,
-                                                        writer.layout.tensors[it.index.fqn].offset)
-        for p in ours for it in p.items)
+        p.storage_data.placed.get(it.index.fqn) == writer.layout.tensors[it.index.fqn] for p in ours for it in p.items
+    )
     return out
 
 
 # -- one case, and the sweep ---------------------------------------------------------------------
-def run_case(model: str, n: int, *, tp: int = 8, dcp_max_items: int = 1_200_000, torch_max_items: int = 300_000,
-             commit: bool = True, keep_layout: bool = False) -> dict:
+def run_case(
+    model: str,
+    n: int,
+    *,
+    tp: int = 8,
+    dcp_max_items: int = 1_200_000,
+    torch_max_items: int = 300_000,
+    commit: bool = True,
+    keep_layout: bool = False,
+) -> dict:
     import torch  # noqa: F401  -- imported before any clock or tracemalloc starts
     import torch.distributed.checkpoint.default_planner  # noqa: F401
 
@@ -389,8 +568,16 @@ def run_case(model: str, n: int, *, tp: int = 8, dcp_max_items: int = 1_200_000,
     cfg, source = load_config(model)
     params = llama_params(cfg)
     mesh = mesh_for(n, tp)
-    res = {"model": model, "config_source": source, "n": n, "dp": mesh.dp, "tp": mesh.tp, "tensors": len(params),
-           "chunks": n * len(params), "gather_free": run_gather_free(params, mesh, commit=commit)}
+    res = {
+        "model": model,
+        "config_source": source,
+        "n": n,
+        "dp": mesh.dp,
+        "tp": mesh.tp,
+        "tensors": len(params),
+        "chunks": n * len(params),
+        "gather_free": run_gather_free(params, mesh, commit=commit),
+    }
     if n * len(params) <= dcp_max_items:
         dcp = run_dcp(params, mesh, torch_planner=n * len(params) <= torch_max_items)
         layout = dcp.pop("layout")
@@ -436,9 +623,20 @@ def _extrapolate(rows: list[dict]) -> None:
         ref = by_model.get(r["model"])
         if r["dcp"] is None and ref is not None:
             k = r["chunks"] / ref["chunks"]
-            r["dcp_estimate"] = {key: ref["dcp"][key] * k for key in
-                                 ("plan_s", "plan_mb", "finish_s", "finish_mb", "build_s", "gather_plans_s",
-                                  "gather_plans_bytes", "gather_results_s") if key in ref["dcp"]}
+            r["dcp_estimate"] = {
+                key: ref["dcp"][key] * k
+                for key in (
+                    "plan_s",
+                    "plan_mb",
+                    "finish_s",
+                    "finish_mb",
+                    "build_s",
+                    "gather_plans_s",
+                    "gather_plans_bytes",
+                    "gather_results_s",
+                )
+                if key in ref["dcp"]
+            }
 
 
 def growth_exponent(rows: list[dict], path: str, key: str, min_chunks: int = 100_000) -> float | None:
@@ -446,8 +644,11 @@ def growth_exponent(rows: list[dict], path: str, key: str, min_chunks: int = 100
 
     Rows below ``min_chunks`` are left out: there fixed costs (milliseconds) hide the growth.
     """
-    pts = [(math.log(r["chunks"]), math.log(r[path][key])) for r in rows
-           if r.get(path) and r[path].get(key, 0) > 0.002 and r["chunks"] >= min_chunks]
+    pts = [
+        (math.log(r["chunks"]), math.log(r[path][key]))
+        for r in rows
+        if r.get(path) and r[path].get(key, 0) > 0.002 and r["chunks"] >= min_chunks
+    ]
     if len(pts) < 3:
         return None
     mx, my = statistics.fmean(x for x, _ in pts), statistics.fmean(y for _, y in pts)
@@ -464,40 +665,61 @@ def _fmt(v, spec: str, est: bool = False) -> str:
 
 
 def tables(rows: list[dict]) -> str:
-    head1 = (f"{'model':<11} {'N':>5} {'mesh':>8} {'tensors':>7} {'chunks':>9} | {'plan s':>7} {'plan MB':>7} | "
-             f"{'runs s':>7} {'runs':>8} {'rank':>5} | {'commit s':>8} {'commit MB':>9} {'reports MB':>10} | "
-             f"{'node s':>7} {'node boxes':>10}")
-    out = ["GATHER-FREE PATH (hf_storage.save): plan = layout.plan + fingerprint on every rank; runs = slowest of "
-           "first/middle/last rank, runs and rank = the one with most runs; commit = rank 0 unpickles N reports + _commit_reports; "
-           "node = row-assembly planning on one node (8 TP ranks' column boxes, exchange.plan_exchange)",
-           head1, "-" * len(head1)]
+    head1 = (
+        f"{'model':<11} {'N':>5} {'mesh':>8} {'tensors':>7} {'chunks':>9} | {'plan s':>7} {'plan MB':>7} | "
+        f"{'cover s':>7} {'keys':>4} | {'pieces s':>8} | "
+        f"{'runs s':>7} {'runs':>8} {'rank':>5} | {'commit s':>8} {'commit MB':>9} {'reports MB':>10} | "
+        f"{'node s':>7} {'node boxes':>10}"
+    )
+    out = [
+        "GATHER-FREE PATH (hf_storage.save): plan = layout.plan + pipeline.fingerprint on every rank; "
+        "cover = exact-coverage proof (shards._dim_cover over the distinct keys, cold cache) on every rank; "
+        "pieces = shards._pieces of a rank's tensors (cold caches), slowest of first/middle/last rank; "
+        "runs = engine.Place.span of every piece, slowest of first/middle/last rank, runs and rank = the one "
+        "with most runs; commit = rank 0 unpickles N pipeline.Reports + agree + finalize; "
+        "node = row-assembly planning on one node (8 TP ranks' column parts, row_assembly.schedule)",
+        head1,
+        "-" * len(head1),
+    ]
     for r in rows:
         g = r["gather_free"]
-        out.append(f"{r['model']:<11} {r['n']:>5} {str(r['dp']) + 'x' + str(r['tp']):>8} {r['tensors']:>7} "
-                   f"{r['chunks']:>9} | {g['plan_s']:7.3f} {g['plan_mb']:7.1f} | {g['runs_s']:7.3f} "
-                   f"{g['runs_max']:>8} {g['runs_worst_rank']:>5} | {_fmt(g.get('commit_s'), '8.2f')} "
-                   f"{_fmt(g.get('commit_mb'), '9.1f')} {_fmt(g.get('report_bytes', 0) / 1e6, '10.1f')} | "
-                   f"{_fmt(g.get('exchange', {}).get('s'), '7.3f')} {g.get('exchange', {}).get('boxes', '-'):>10}")
-    head2 = (f"{'model':<11} {'N':>5} {'chunks':>9} | {'build s':>8} {'gather s':>8} {'gath MB':>8} | "
-             f"{'torch glob s':>12} {'torch MB':>9} | {'ours plan s':>11} {'ours MB':>8} | {'finish s':>9} "
-             f"{'finish MB':>9} {'res gath s':>10}")
-    out += ["", "DCP COORDINATOR PATH: build = N local SavePlans (outside the clock; each rank builds its own); "
-            "gather = coordinator unpickling the N plans (estimated from 16 ranks, a lower bound) and their size; "
-            "torch glob = DefaultSavePlanner.create_global_plan (run up to --torch-max-items); "
-            "ours = HuggingFaceStorageWriter.prepare_global_plan; finish = writer.finish over N x T WriteResults; "
-            "res gath = unpickling those results (estimated); ~ = extrapolated linearly from the largest measured N",
-            head2, "-" * len(head2)]
+        out.append(
+            f"{r['model']:<11} {r['n']:>5} {str(r['dp']) + 'x' + str(r['tp']):>8} {r['tensors']:>7} "
+            f"{r['chunks']:>9} | {g['plan_s']:7.3f} {g['plan_mb']:7.1f} | "
+            f"{_fmt(g.get('cover_s'), '7.3f')} {g.get('cover_keys', '-'):>4} | {_fmt(g.get('pieces_s'), '8.3f')} | "
+            f"{g['runs_s']:7.3f} "
+            f"{g['runs_max']:>8} {g['runs_worst_rank']:>5} | {_fmt(g.get('commit_s'), '8.2f')} "
+            f"{_fmt(g.get('commit_mb'), '9.1f')} {_fmt(g.get('report_bytes', 0) / 1e6, '10.1f')} | "
+            f"{_fmt(g.get('exchange', {}).get('s'), '7.3f')} {g.get('exchange', {}).get('boxes', '-'):>10}"
+        )
+    head2 = (
+        f"{'model':<11} {'N':>5} {'chunks':>9} | {'build s':>8} {'gather s':>8} {'gath MB':>8} | "
+        f"{'torch glob s':>12} {'torch MB':>9} | {'ours plan s':>11} {'ours MB':>8} | {'finish s':>9} "
+        f"{'finish MB':>9} {'res gath s':>10}"
+    )
+    out += [
+        "",
+        "DCP COORDINATOR PATH: build = N local SavePlans (outside the clock; each rank builds its own); "
+        "gather = coordinator unpickling the N plans (estimated from 16 ranks, a lower bound) and their size; "
+        "torch glob = DefaultSavePlanner.create_global_plan (run up to --torch-max-items); "
+        "ours = HuggingFaceStorageWriter.prepare_global_plan; finish = writer.finish over N x T WriteResults; "
+        "res gath = unpickling those results (estimated); ~ = extrapolated linearly from the largest measured N",
+        head2,
+        "-" * len(head2),
+    ]
     for r in rows:
         d, est = r["dcp"], False
         if d is None:
             d, est = r.get("dcp_estimate") or {}, True
         gb = d.get("gather_plans_bytes")
-        out.append(f"{r['model']:<11} {r['n']:>5} {r['chunks']:>9} | {_fmt(d.get('build_s'), '8.2f', est)} "
-                   f"{_fmt(d.get('gather_plans_s'), '8.2f', est)} {_fmt(gb / 1e6 if gb else None, '8.0f', est)} | "
-                   f"{_fmt(d.get('torch_global_s'), '12.2f', est)} {_fmt(d.get('torch_global_mb'), '9.0f', est)} | "
-                   f"{_fmt(d.get('plan_s'), '11.2f', est)} {_fmt(d.get('plan_mb'), '8.0f', est)} | "
-                   f"{_fmt(d.get('finish_s'), '9.2f', est)} {_fmt(d.get('finish_mb'), '9.0f', est)} "
-                   f"{_fmt(d.get('gather_results_s'), '10.2f', est)}")
+        out.append(
+            f"{r['model']:<11} {r['n']:>5} {r['chunks']:>9} | {_fmt(d.get('build_s'), '8.2f', est)} "
+            f"{_fmt(d.get('gather_plans_s'), '8.2f', est)} {_fmt(gb / 1e6 if gb else None, '8.0f', est)} | "
+            f"{_fmt(d.get('torch_global_s'), '12.2f', est)} {_fmt(d.get('torch_global_mb'), '9.0f', est)} | "
+            f"{_fmt(d.get('plan_s'), '11.2f', est)} {_fmt(d.get('plan_mb'), '8.0f', est)} | "
+            f"{_fmt(d.get('finish_s'), '9.2f', est)} {_fmt(d.get('finish_mb'), '9.0f', est)} "
+            f"{_fmt(d.get('gather_results_s'), '10.2f', est)}"
+        )
     return "\n".join(out)
 
 
@@ -511,12 +733,28 @@ def check_targets(rows: list[dict]) -> list[dict]:
 
     def add(what, value, limit, unit, note="", target=True):
         if value is not None:
-            checks.append({"check": what, "value": value, "limit": limit, "unit": unit, "note": note,
-                           "target": target, "ok": value < limit})
+            checks.append(
+                {
+                    "check": what,
+                    "value": value,
+                    "limit": limit,
+                    "unit": unit,
+                    "note": note,
+                    "target": target,
+                    "ok": value < limit,
+                }
+            )
 
     add(f"{name} gather-free plan (every rank)", g["plan_s"], TARGETS["plan_s"], "s")
     add(f"{name} gather-free plan memory", g["plan_mb"], TARGETS["plan_mb"], "MB")
     add(f"{name} per-rank run computation (worst rank)", g["runs_s"], TARGETS["runs_s"], "s")
+    add(f"{name} exact-coverage proof (shards._dim_cover, every rank, cold)", g.get("cover_s"), TARGETS["cover_s"], "s")
+    add(
+        f"{name} exact pieces of a rank's tensors (shards._pieces, worst rank, cold)",
+        g.get("pieces_s"),
+        TARGETS["runs_s"],
+        "s",
+    )
     if "exchange" in g:
         add(f"{name} row-assembly planning on a node (every rank of it)", g["exchange"]["s"], TARGETS["runs_s"], "s")
     add(f"{name} gather-free commit on rank 0 (unpickle N reports + tally)", g.get("commit_s"), TARGETS["plan_s"], "s")
@@ -526,32 +764,67 @@ def check_targets(rows: list[dict]) -> list[dict]:
         d, note = big.get("dcp_estimate") or {}, "extrapolated linearly from the largest measured N"
     add(f"{name} DCP coordinator: ours prepare_global_plan", d.get("plan_s"), TARGETS["plan_s"], "s", note)
     add(f"{name} DCP coordinator: ours prepare_global_plan memory", d.get("plan_mb"), TARGETS["plan_mb"], "MB", note)
-    add(f"{name} DCP coordinator: ours finish (tally of N x T results)", d.get("finish_s"), TARGETS["plan_s"], "s", note)
-    add(f"{name} DCP coordinator: unpickling the N gathered plans (torch's gather, est.)", d.get("gather_plans_s"),
-        TARGETS["plan_s"], "s", note + "; a lower bound", target=False)
+    add(
+        f"{name} DCP coordinator: ours finish (tally of N x T results)", d.get("finish_s"), TARGETS["plan_s"], "s", note
+    )
+    add(
+        f"{name} DCP coordinator: unpickling the N gathered plans (torch's gather, est.)",
+        d.get("gather_plans_s"),
+        TARGETS["plan_s"],
+        "s",
+        note + "; a lower bound",
+        target=False,
+    )
     if "torch_global_s" in d:
-        add(f"{name} DCP coordinator: torch create_global_plan (not ours)", d["torch_global_s"], TARGETS["plan_s"], "s",
-            note, target=False)
-    for path, key, ours in (("dcp", "plan_s", True), ("dcp", "finish_s", True), ("gather_free", "commit_s", True),
-                            ("dcp", "torch_global_s", False)):
+        add(
+            f"{name} DCP coordinator: torch create_global_plan (not ours)",
+            d["torch_global_s"],
+            TARGETS["plan_s"],
+            "s",
+            note,
+            target=False,
+        )
+    for path, key, ours in (
+        ("dcp", "plan_s", True),
+        ("dcp", "finish_s", True),
+        ("gather_free", "commit_s", True),
+        ("dcp", "torch_global_s", False),
+    ):
         e = growth_exponent(rows, path, key)
-        add(f"growth of {path}.{key} with ranks x tensors (log-log slope; 1 = linear)", e, 1.15, "",
-            "fit over measured rows with >= 100k chunks", target=ours)
+        add(
+            f"growth of {path}.{key} with ranks x tensors (log-log slope; 1 = linear)",
+            e,
+            1.15,
+            "",
+            "fit over measured rows with >= 100k chunks",
+            target=ours,
+        )
     return checks
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.scale",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--models", nargs="+", default=list(LLAMA_CONFIGS), choices=list(LLAMA_CONFIGS))
     p.add_argument("--ranks", type=int, nargs="+", default=list(DEFAULT_RANKS))
     p.add_argument("--tp", type=int, default=8, help="tensor-parallel degree (capped at N)")
-    p.add_argument("--dcp-max-items", type=int, default=1_200_000,
-                   help="skip (and extrapolate) the DCP path beyond this many write items (memory)")
+    p.add_argument(
+        "--dcp-max-items",
+        type=int,
+        default=1_200_000,
+        help="skip (and extrapolate) the DCP path beyond this many write items (memory)",
+    )
     p.add_argument("--no-commit", action="store_true", help="skip the gather-free commit simulation")
-    p.add_argument("--torch-max-items", type=int, default=300_000,
-                   help="run torch's create_global_plan only up to this many write items (it grows superlinearly); "
-                        "beyond, only its dedup step runs")
+    p.add_argument(
+        "--torch-max-items",
+        type=int,
+        default=300_000,
+        help="run torch's create_global_plan only up to this many write items (it grows superlinearly); "
+        "beyond, only its dedup step runs",
+    )
     p.add_argument("--in-process", action="store_true", help="no forked child per case (memory figures mix)")
     p.add_argument("--out", default=str(RESULTS / "scale.json"))
     a = p.parse_args(argv)
@@ -567,26 +840,34 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     for model in a.models:
         for n in a.ranks:
-            kw = dict(tp=a.tp, dcp_max_items=a.dcp_max_items, torch_max_items=a.torch_max_items,
-                      commit=not a.no_commit)
+            kw = dict(tp=a.tp, dcp_max_items=a.dcp_max_items, torch_max_items=a.torch_max_items, commit=not a.no_commit)
             r = run_case(model, n, **kw) if a.in_process else _in_child(run_case, model, n, **kw)
             g = r["gather_free"]
-            print(f"{time.perf_counter() - t0:7.1f}s {model} N={n}: plan {g['plan_s']:.3f} s, runs {g['runs_s']:.3f} s"
-                  + (f", commit {g['commit_s']:.2f} s" if "commit_s" in g else "")
-                  + (f", DCP ours {r['dcp']['plan_s']:.2f} s / {r['dcp']['plan_mb']:.0f} MB" if r["dcp"] else ""),
-                  flush=True)
+            print(
+                f"{time.perf_counter() - t0:7.1f}s {model} N={n}: plan {g['plan_s']:.3f} s, "
+                f"cover {g['cover_s']:.3f} s, pieces {g['pieces_s']:.3f} s, runs {g['runs_s']:.3f} s"
+                + (f", commit {g['commit_s']:.2f} s" if "commit_s" in g else "")
+                + (f", DCP ours {r['dcp']['plan_s']:.2f} s / {r['dcp']['plan_mb']:.0f} MB" if r["dcp"] else ""),
+                flush=True,
+            )
             rows.append(r)
     _extrapolate(rows)
     checks = check_targets(rows)
     print("\n" + tables(rows) + "\n\nTARGETS")
     for c in checks:
         tag = ("met" if c["ok"] else "MISSED") if c["target"] else "info"
-        print(f"  [{tag}] {c['check']}: {c['value']:.3g} {c['unit']} "
-              f"(limit {c['limit']:g}{(' ' + c['unit']) if c['unit'] else ''}){'; ' + c['note'] if c['note'] else ''}")
+        print(
+            f"  [{tag}] {c['check']}: {c['value']:.3g} {c['unit']} "
+            f"(limit {c['limit']:g}{(' ' + c['unit']) if c['unit'] else ''}){'; ' + c['note'] if c['note'] else ''}"
+        )
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    data = {"argv": sys.argv[1:] if argv is None else list(argv), "rows": rows, "targets": checks,
-            "wall_s": time.perf_counter() - t0}
+    data = {
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "rows": rows,
+        "targets": checks,
+        "wall_s": time.perf_counter() - t0,
+    }
     out.write_text(json.dumps(data, indent=1, default=str))
     print(f"\nwrote {out} ({data['wall_s']:.0f} s)")
     return data

@@ -74,8 +74,10 @@ class HostCopies:
         self.shared: SharedFlat | None = None
 
     def stage(self, chunks: list[pipeline.Chunk], shared: bool = False) -> list[pipeline.Chunk]:
-        key = (shared, *((c.fqn, c.box, c.data.dtype, c.data.is_cuda) for c in chunks))
-        if key != self.key:
+        """Copy ``chunks`` into the host copies; ``shared``: another process must map them (once shared, the
+        copies stay shared, so alternating thread and process saves does not reallocate them)."""
+        key = tuple((c.fqn, c.box, c.data.dtype, c.data.is_cuda) for c in chunks)
+        if key != self.key or (shared and self.shared is None):
             self._allocate(chunks, shared)
             self.key = key
         for buf, c in zip(self.buffers, chunks):
@@ -86,6 +88,8 @@ class HostCopies:
 
     def _allocate(self, chunks: list[pipeline.Chunk], shared: bool) -> None:
         self.buffers, self.flat = [], torch.empty(0, dtype=torch.uint8)  # the old copies go first
+        if self.shared is not None:
+            self.shared.close()
         self.offsets, total = [], 0
         for c in chunks:
             self.offsets.append(total)
@@ -118,6 +122,15 @@ class SharedFlat:
         self.where = (os.getpid(), self.fd, size)
         self.map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
         self.tensor = torch.frombuffer(self.map, dtype=torch.uint8)
+
+    def close(self) -> None:
+        """Unmap and close (the memory goes once no other process maps it either)."""
+        del self.tensor
+        try:
+            self.map.close()
+        except BufferError:  # a view is still referenced: the mapping goes with it
+            pass
+        os.close(self.fd)
 
 
 def view(flat: torch.Tensor, at: int, dtype: torch.dtype, sizes: tuple[int, ...]) -> torch.Tensor:
@@ -229,6 +242,7 @@ def writer_main(fd_in: int, fd_out: int) -> None:
     """The writer process: one group for its life, then one save per message."""
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the training process
     conn_in, conn_out = Connection(fd_in, writable=False), Connection(fd_out, readable=False)
+    torch.set_num_threads(1)  # memory-bound copies; a second thread pool per rank would fight the trainer's
     address, rank, world, timeout, parent = conn_in.recv()
     if os.getppid() != parent:  # the parent died before the death signal was armed
         return
@@ -239,7 +253,10 @@ def writer_main(fd_in: int, fd_out: int) -> None:
     flat: SharedFlat | None = None
     while (msg := conn_in.recv())[0] != "stop":
         _, where, job_meta, path, opts, stall = msg
-        flat = SharedFlat(where[2], where[:2]) if where is not None else flat
+        if where is not None:
+            if flat is not None:
+                flat.close()
+            flat = SharedFlat(where[2], where[:2])
         try:
             assert flat is not None
             conn_out.send(("ok", _write_staged(flat.tensor, job_meta, path, opts, stall)))

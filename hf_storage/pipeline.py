@@ -16,6 +16,7 @@ the rest (:class:`~.collectives.FirstError`), so its peers learn of it instead o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -129,10 +130,10 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def fail(failures: Mapping[int, str], me: int, local: BaseException | None = None) -> NoReturn:
-    """Raise the save's failure on this rank: its own specific error where it is one of ours, else a
-    :class:`SaveError` naming every failing rank (the same message on every rank)."""
-    if isinstance(local, HFStorageError) and len(failures) == 1:
+def fail(failures: Mapping[int, str], me: int, local: BaseException | None = None, alone: bool = False) -> NoReturn:
+    """Raise the save's failure on this rank: a :class:`SaveError` naming every failing rank, the same on every
+    rank (this rank's own error is its ``__cause__``). ``alone`` (no other rank): our own specific error as is."""
+    if alone and isinstance(local, HFStorageError):
         raise local
     raise SaveError(f"{failure_message(failures)} (this is rank {me})", dict(failures)) from local
 
@@ -174,11 +175,9 @@ def tensors_of(state_dict: Mapping) -> dict[str, torch.Tensor]:
 def plan(state_dict: Mapping, opts: Options, rank: int) -> Job:
     """Everything a rank can know and check alone, before any collective or I/O."""
     tensors = tensors_of(state_dict)
-    layout = plan_layout(
-        [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()],
-        max_shard_size=opts.max_shard_size,
-        fqn_to_index_mapping=opts.fqn_to_index_mapping,
-    )
+    mapping = tuple(sorted(opts.fqn_to_index_mapping.items())) if opts.fqn_to_index_mapping is not None else None
+    specs = tuple(TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items())
+    layout, fp = _layout(specs, opts.max_shard_size, mapping)
     problems = [p for p in (shards.check_cover(n, t) for n, t in tensors.items()) if p]
     if problems:
         raise UnsupportedEntryError(
@@ -186,7 +185,16 @@ def plan(state_dict: Mapping, opts: Options, rank: int) -> Job:
             "Shard/Replicate placements (dtensor.redistribute) before saving; nothing was written."
         )
     chunks = [c for n, t in tensors.items() for c in chunks_of(n, t, rank)]
-    return Job(layout.tensors, chunks, fingerprint(layout), layout=layout)
+    return Job(layout.tensors, chunks, fp, layout=layout)
+
+
+@functools.lru_cache(maxsize=8)
+def _layout(specs: tuple[TensorSpec, ...], max_shard_size, mapping) -> tuple[Layout, str]:
+    """The layout and its fingerprint, planned once for saves of the same state (every K steps)."""
+    layout = plan_layout(
+        specs, max_shard_size=max_shard_size, fqn_to_index_mapping=dict(mapping) if mapping is not None else None
+    )
+    return layout, fingerprint(layout)
 
 
 def chunks_of(name: str, t: torch.Tensor, rank: int) -> list[Chunk]:
@@ -502,8 +510,6 @@ def plan_shared(
         desk = _desk_for(job, opts, g) if assemble else None
         ready = Ready(g.rank, job.fingerprint, desk.seat if desk else None)
     except Exception as e:
-        if not g.on:
-            raise
         ready, local = Ready(g.rank, error=describe(e)), e
     readies = g.all_gather(ready)
     failures = {r.rank: r.error for r in readies if r.error}
@@ -511,7 +517,7 @@ def plan_shared(
     if failures:
         if desk is not None:
             desk.close()
-        fail(failures, g.rank, local)
+        fail(failures, g.rank, local, g.size == 1)
     assert job is not None
     if desk is not None:
         job.mates = {r.rank: r.seat for r in readies if r.seat is not None and r.seat.node == desk.seat.node}
@@ -543,12 +549,10 @@ def _prepare_shared(g: Group, job: Job, path, opts: Options) -> tuple[publish.St
             staging, mapped = prepare(job.layout, path, opts)  # type: ignore[arg-type]
             message = Prepared(str(staging.directory), mapped)
         except Exception as e:
-            if not g.on:
-                raise
             message, local = Failure({0: describe(e)}), e
     message = g.broadcast(message)
     if isinstance(message, Failure):
-        fail(message.failures, g.rank, local)
+        fail(message.failures, g.rank, local, g.size == 1)
     assert message is not None  # rank 0 always sends a Prepared or a Failure
     return staging, message
 
@@ -574,9 +578,6 @@ def _agree_publish(
     """Rank 0 gathers the reports, publishes or aborts; every rank learns the outcome."""
     local = report if isinstance(report, Exception) else None
     if local is not None:
-        if not g.on:
-            publish.abort(staging)  # type: ignore[arg-type]
-            raise local
         report = Report(g.rank, job.fingerprint, error=describe(local))
     reports = g.gather(report)
     outcome = None
@@ -585,13 +586,11 @@ def _agree_publish(
             finalize(staging, job.layout, agree(reports), opts)  # type: ignore[arg-type]
         except Exception as e:
             publish.abort(staging)  # type: ignore[arg-type]
-            if not g.on:
-                raise
             outcome = Failure(e.failures if isinstance(e, SaveError) else {0: describe(e)})
             local = local or (None if isinstance(e, SaveError) else e)
     outcome = g.broadcast(outcome)
     if isinstance(outcome, Failure):
-        fail(outcome.failures, g.rank, local)
+        fail(outcome.failures, g.rank, local, g.size == 1)
 
 
 def _assembled(job: Job, assembly: row_assembly.Assembly | None) -> int:

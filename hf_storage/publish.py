@@ -119,7 +119,13 @@ def _try_lock(target: Path) -> Lock | None:
     if target in _HELD:
         return None
     path = _lock_path(target)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise HFStorageError(
+            f"cannot create the lock file {str(path)!r} beside the target ({e.strerror}); the directory that "
+            "holds the checkpoint must be writable"
+        ) from e
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:

@@ -162,7 +162,25 @@ def _sharding_info(h: header.Header, name: str) -> dict[str, tuple[int, ...]]:
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read and validate a checkpoint's index and headers. No tensor data is read."""
+    """Read and validate a checkpoint's index and headers. No tensor data is read.
+
+    Args:
+        path: a checkpoint directory: an index and its files, a lone ``model.safetensors``, or the
+            ``*.safetensors`` shard files torch's own HF writer leaves.
+
+    Returns:
+        A :class:`Checkpoint`: the parsed headers, every tensor's stored pieces (``tensors``), the tensors
+        this torch build cannot hold (``blocked``, with the reason), and the index.
+
+    Raises:
+        CheckpointFormatError: a missing directory or file, a malformed index or header (names the file and
+            the fault; every check costs O(header bytes)), a file name outside the directory.
+
+    Example::
+
+        ckpt = hf_storage.open_checkpoint("/ckpt/step-1000")
+        print(sorted(ckpt.tensors)[:3], ckpt.nbytes())
+    """
     dtypes.check_host()
     directory = Path(path)
     if not directory.is_dir():

@@ -382,9 +382,9 @@ class _Meeting:
         if dead:
             raise PeerFailure(f"rank {dead[0]} died during row assembly; nothing was published")
         if waited > self.timeout:
+            who = f"rank {waiting[0]}" if len(waiting) == 1 else f"ranks {', '.join(map(str, waiting))}"
             raise PeerFailure(
-                f"ranks {waiting} did not reach row assembly round in {self.timeout:.0f} s "
-                "(stuck in I/O?); nothing was published"
+                f"{who} did not reach row assembly round in {self.timeout:.0f} s (stuck in I/O?); nothing was published"
             )
 
     def close(self) -> None:

@@ -149,9 +149,13 @@ def _split(n: int, splits: tuple) -> np.ndarray:
     torch's own ``_split_tensor`` of each placement, applied to an index vector."""
     idx = torch.arange(n, dtype=torch.int64)
     for p, size, c in splits:
-        cut = _StridedShard(0, split_factor=p.split_factor) if isinstance(p, _StridedShard) else Shard(0)
-        idx = cut._split_tensor(idx, size, with_padding=False, contiguous=True)[0][c]
+        idx = _cut(p)._split_tensor(idx, size, with_padding=False, contiguous=True)[0][c]
     return idx.numpy()
+
+
+def _cut(p):
+    """The placement's split along dimension 0 of an index vector."""
+    return _StridedShard(0, split_factor=p.split_factor) if isinstance(p, _StridedShard) else Shard(0)
 
 
 _indices = functools.lru_cache(maxsize=4096)(_split)
@@ -184,10 +188,15 @@ def check_cover(name: str, t: torch.Tensor) -> str | None:
 
 @functools.lru_cache(maxsize=4096)
 def _dim_cover(n: int, splits: tuple) -> str | None:
-    """Whether the index sets of every coordinate combination of ``splits`` partition ``range(n)``."""
-    seen = np.zeros(n, dtype=np.int64)
-    for coords in itertools.product(*(range(size) for _, size in splits)):
-        np.add.at(seen, _split(n, tuple((p, size, c) for (p, size), c in zip(splits, coords))), 1)
+    """Whether the index sets of every coordinate combination of ``splits`` partition ``range(n)``. The
+    splits are applied level by level, each set cut once into its children: O(levels x n) however many
+    ranks there are, not ranks x n."""
+    sets = [torch.arange(n, dtype=torch.int64)]
+    for p, size in splits:
+        cut = _cut(p)
+        sets = [part for s in sets for part in cut._split_tensor(s, size, with_padding=False, contiguous=True)[0]]
+    held = np.concatenate([s.numpy() for s in sets]) if sets else np.empty(0, dtype=np.int64)
+    seen = np.bincount(held, minlength=n)
     if (seen == 1).all():
         return None
     twice, never = np.flatnonzero(seen > 1), np.flatnonzero(seen == 0)

@@ -307,7 +307,7 @@ def test_a_failed_save_after_that_crash_still_leaves_the_previous_checkpoint(swa
     def broken_disk(*a, **k):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(hf_storage.api, "write_chunks", broken_disk)
+    monkeypatch.setattr(hf_storage.pipeline, "write", broken_disk)
     with pytest.raises(hf_storage.HFStorageError, match="Input/output error"):
         hf_storage.save(expected("small", 3), path, max_shard_size=MAX_SHARD)
     assert (path / INDEX_NAME).is_file(), "no checkpoint is left at the path, and .old was deleted"
@@ -386,7 +386,7 @@ def test_readonly_target_is_named_on_every_rank_and_publishes_nothing(readonly_r
     recs = run.records()
     assert sorted(recs) == [0, 1] and all(r["status"] == "error" for r in recs.values()), run.describe()
     for rec in recs.values():
-        assert_names(rec["message"], EROFS_TEXT, "model.staging")
+        assert_names(rec["message"], EROFS_TEXT, "model.lock")
     assert recs[1]["type"] == "SaveError" and rank_named(recs[1]["message"], 0), recs[1]
     for rank in recs:
         assert_names(run.stderr(rank), EROFS_TEXT)

@@ -63,9 +63,10 @@ def _state(case: dict, mesh):
         local = _full(name, shape, dtype)
         for d, (o, n) in enumerate(zip(offsets, sizes, strict=True)):
             local = local.narrow(d, o, n)
-        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-        out[name] = DTensor.from_local(local.contiguous(), mesh, pl, run_check=False, shape=torch.Size(shape),
-                                       stride=stride)
+        stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+        out[name] = DTensor.from_local(
+            local.contiguous(), mesh, pl, run_check=False, shape=torch.Size(shape), stride=stride
+        )
     return out
 
 
@@ -86,7 +87,9 @@ def _save_both(rank: int, world: int, root: str, cases: dict, mesh_shape: tuple[
             state = _state(case, mesh)
             a, b = os.path.join(root, f"{label}-{policy}-verb"), os.path.join(root, f"{label}-{policy}-dcp")
             hf_storage.save(state, a, max_shard_size=policy, thread_count=2)
-            dcp.save(state, storage_writer=hf_storage.HuggingFaceStorageWriter(b, max_shard_size=policy, thread_count=2))
+            dcp.save(
+                state, storage_writer=hf_storage.HuggingFaceStorageWriter(b, max_shard_size=policy, thread_count=2)
+            )
             out[(label, policy)] = (_digest(a), _digest(b)) if rank == 0 else None
     return out
 
@@ -106,8 +109,9 @@ def _check_outputs(root: str, results: dict, cases: dict) -> None:
         case = cases[label]
         assert set(loaded) == set(case)
         for name, (shape, dtype, _) in case.items():
-            assert torch.equal(loaded[name].reshape(-1).view(torch.uint8),
-                               _full(name, shape, dtype).reshape(-1).view(torch.uint8)), name
+            assert torch.equal(
+                loaded[name].reshape(-1).view(torch.uint8), _full(name, shape, dtype).reshape(-1).view(torch.uint8)
+            ), name
 
 
 def test_both_paths_write_identical_bytes_1d(tmp_path):
@@ -141,8 +145,9 @@ def test_simulated_boxes_are_dtensor_boxes():
             torch_places = [Shard(0), Shard(places[1][1]) if places[1][0] == scale.SHARD else Replicate()]
             for rank in range(n):
                 coord = mesh.coord(rank)
-                sizes, offsets = _compute_local_shape_and_global_offset(shape, (mesh.dp, mesh.tp), list(coord),
-                                                                        torch_places)
+                sizes, offsets = _compute_local_shape_and_global_offset(
+                    shape, (mesh.dp, mesh.tp), list(coord), torch_places
+                )
                 assert scale.box(shape, mesh, coord, places) == (tuple(offsets), tuple(sizes)), (shape, n, rank)
 
 
@@ -156,8 +161,9 @@ def test_simulation_plans_the_library_layout(sim_rows, n):
     params = llama_params(load_config("llama-8b")[0])
     expected = plan(scale.specs_of(params))
     got = row["dcp_layout"]
-    assert [(f.name, f.header, f.size, f.tensors) for f in got.files] == \
-        [(f.name, f.header, f.size, f.tensors) for f in expected.files]
+    assert [(f.name, f.header, f.size, f.tensors) for f in got.files] == [
+        (f.name, f.header, f.size, f.tensors) for f in expected.files
+    ]
     assert got.tensors == expected.tensors
     assert row["dcp"]["placements_ok"]
     assert row["chunks"] == n * len(params) and row["dcp"]["items"] == row["chunks"]

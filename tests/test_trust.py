@@ -214,8 +214,7 @@ def test_one_rank_failing_before_the_first_collective_fails_every_rank_at_once(t
     for rank, (message, seconds) in enumerate(results):
         assert seconds < 5, f"rank {rank} waited {seconds:.1f} s"
         assert "'step'" in message and "not tensors" in message, message
-    assert results[1][0].startswith("UnsupportedEntryError")  # the failing rank: its own specific error
-    assert results[0][0].startswith("SaveError") and "rank 1" in results[0][0]
+    assert all(m.startswith("SaveError") and "rank 1" in m for m, _ in results)  # one named error everywhere
     assert not out.exists() and not publish.staging_dirs(out)
 
 
