@@ -146,12 +146,12 @@ def load(
         hf_storage.load(model.state_dict(), "/ckpt/step-1000")
     """
     start = time.perf_counter()
-    tensors = pipeline.tensors_of(state_dict)
-    ckpt = open_checkpoint(path)
-    check_targets(
-        ckpt, {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}, strict=strict, allow_cast=allow_cast
-    )
-    n = read_requests(ckpt.directory, _requests(ckpt, tensors), thread_count=thread_count, budget=budget)
+    with pipeline.gc_paused():
+        tensors = pipeline.tensors_of(state_dict)
+        ckpt = open_checkpoint(path)
+        targets = {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}
+        check_targets(ckpt, targets, strict=strict, allow_cast=allow_cast)
+        n = read_requests(ckpt.directory, _requests(ckpt, tensors), thread_count=thread_count, budget=budget)
     return LoadSummary(os.fspath(path), sum(1 for k in tensors if k in ckpt.tensors), n, time.perf_counter() - start)
 
 
@@ -163,7 +163,12 @@ def _requests(ckpt: Checkpoint, tensors: dict[str, torch.Tensor]) -> Iterator[tu
         if info is None:
             continue
         held = shards.of(t)
+        whole = info.chunks[0] if len(info.chunks) == 1 and not any(info.chunks[0].offsets) else None
         for piece in held.pieces:
+            if whole is not None:  # stored whole, as usual: the piece is the overlap, no box arithmetic
+                if not piece.box.empty:
+                    yield whole, shards.view(held.data, piece.local), piece.box
+                continue
             local = shards.view(held.data, piece.local)
             for c in info.chunks:
                 stored = Box(c.offsets, c.shape)

@@ -291,8 +291,9 @@ def async_save(
         start = time.perf_counter()
         saver.settle(if_busy)
         g = Group(group)
-        job, desk = pipeline.plan_shared(state_dict, opts, g, assemble=mode == "thread")
-        job.chunks = saver.copies.stage(job.chunks, shared=mode == "process")
+        with pipeline.gc_paused():  # the caller's thread only; the background part leaves the collector alone
+            job, desk = pipeline.plan_shared(state_dict, opts, g, assemble=mode == "thread")
+            job.chunks = saver.copies.stage(job.chunks, shared=mode == "process")
         if mode == "process":
             writer = saver.writer_for(g)
             work: tuple = (writer.run, saver.copies, job, path, opts)

@@ -60,10 +60,18 @@ class Box(NamedTuple):
 
     def single_run(self, shape: tuple[int, ...]) -> int | None:
         """Element offset of a box that is one contiguous run of its tensor (row shard, whole tensor), else None."""
-        k = _last_partial_dim(shape, self.sizes)
-        if any(self.sizes[d] != 1 for d in range(k)):
-            return None
-        return sum(o * st for o, st in zip(self.offsets, strides(shape)))
+        sizes, offsets = self.sizes, self.offsets
+        k = len(shape) - 1
+        while k >= 0 and sizes[k] == shape[k]:
+            k -= 1
+        for d in range(k):  # plain loops: this runs once per tensor of a save (50,000 small ones in MoE)
+            if sizes[d] != 1:
+                return None
+        start, stride = 0, 1
+        for d in range(len(shape) - 1, -1, -1):
+            start += offsets[d] * stride
+            stride *= shape[d]
+        return start
 
     def runs(self, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
         """Contiguous runs of the box inside the tensor: ``(starts, length)`` in elements.

@@ -98,8 +98,13 @@ def to_torch(name: str, tensor: str = "") -> torch.dtype:
         raise CheckpointFormatError(f"unknown safetensors dtype {name!r}{where}; known: {', '.join(BITS)}") from None
 
 
+_PLAIN = frozenset(st for st, dt in _TO_TORCH.items() if dt not in PACKED)
+
+
 def unloadable(name: str, shape: tuple[int, ...]) -> str | None:
     """Why a (validated) header entry of dtype ``name`` and ``shape`` cannot become a torch tensor; None if it can."""
+    if name in _PLAIN:  # the usual case, once per tensor of a checkpoint
+        return None
     if name not in _TO_TORCH:
         return f"is stored as {name}, and {_no_torch_type()}"
     pack = PACKED.get(_TO_TORCH[name], 1)

@@ -10,6 +10,7 @@ name, the reserved name ``__metadata__``, a dtype or shape the format cannot exp
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter
@@ -50,11 +51,11 @@ class TensorSpec:
     dtype: torch.dtype
     shape: tuple[int, ...]
 
-    @property
+    @functools.cached_property  # read many times per tensor per save; a frozen dataclass keeps it valid
     def itemsize(self) -> int:
         return dtypes.itemsize(self.dtype)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         """Bytes of data. Exact for sub-byte formats too: torch packs them (``float4_e2m1fn_x2`` holds two fp4
         values in a 1-byte element), so torch elements always fill whole bytes."""

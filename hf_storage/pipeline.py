@@ -17,11 +17,13 @@ the rest (:class:`~.collectives.FirstError`), so its peers learn of it instead o
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
@@ -178,13 +180,14 @@ def plan(state_dict: Mapping, opts: Options, rank: int) -> Job:
     mapping = tuple(sorted(opts.fqn_to_index_mapping.items())) if opts.fqn_to_index_mapping is not None else None
     specs = tuple(TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items())
     layout, fp = _layout(specs, opts.max_shard_size, mapping)
-    problems = [p for p in (shards.check_cover(n, t) for n, t in tensors.items()) if p]
+    held = {n: shards.of(t, rank) for n, t in tensors.items()}
+    problems = [f"tensor {n!r} ({shards.describe(tensors[n])}): {h.problem}" for n, h in held.items() if h.problem]
     if problems:
         raise UnsupportedEntryError(
             f"cannot save these DTensors exactly once: {'; '.join(problems[:10])}. Redistribute them to "
             "Shard/Replicate placements (dtensor.redistribute) before saving; nothing was written."
         )
-    chunks = [c for n, t in tensors.items() for c in chunks_of(n, t, rank)]
+    chunks = [c for n, h in held.items() for c in _chunks(n, h)]
     return Job(layout.tensors, chunks, fp, layout=layout)
 
 
@@ -199,7 +202,10 @@ def _layout(specs: tuple[TensorSpec, ...], max_shard_size, mapping) -> tuple[Lay
 
 def chunks_of(name: str, t: torch.Tensor, rank: int) -> list[Chunk]:
     """The chunks of ``t`` this rank writes: one per piece of its shard (replicas only at coordinate 0)."""
-    held = shards.of(t, rank)
+    return _chunks(name, shards.of(t, rank))
+
+
+def _chunks(name: str, held: shards.Shards) -> list[Chunk]:
     if not held.writes:
         return []
     return [Chunk(name, shards.view(held.data, p.local), held.shape, p.box) for p in held.pieces if not p.box.empty]
@@ -479,8 +485,23 @@ def save(state_dict: Mapping, path: str | os.PathLike, opts: Options, group=None
     """The whole save on this rank (see the module docstring for the phases and collectives)."""
     start = time.perf_counter()
     g = Group(group)
-    job, desk = plan_shared(state_dict, opts, g)
-    return write_shared(g, job, desk, path, opts, start)
+    with gc_paused():
+        job, desk = plan_shared(state_dict, opts, g)
+        return write_shared(g, job, desk, path, opts, start)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector on the saving thread's watch: a save allocates a few objects per
+    tensor, and with 50,000 tensors that triggers full collections that walk the whole model's object graph
+    (reference counting still frees everything; the collector resumes, as it was, at the end)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def write_shared(

@@ -47,6 +47,7 @@ class Shards(NamedTuple):
     shape: tuple[int, ...]
     pieces: tuple[Piece, ...]
     writes: bool
+    problem: str | None = None  # why the pieces of all mesh coordinates do not cover the tensor exactly once
 
 
 def is_dtensor(t: object) -> TypeGuard[DTensor]:
@@ -59,10 +60,18 @@ def of(t: torch.Tensor, rank: int = 0) -> Shards:
     shape = tuple(t.shape)
     if is_dtensor(t):
         spec = t._spec
-        pieces, writes = _pieces(shape, spec.mesh, tuple(spec.placements), _order(spec))
-        return Shards(t._local_tensor, shape, pieces, writes)
+        placements = tuple(spec.placements)
+        order = _order(spec) if _stacked(placements) else None  # torch computes shard_order on every access
+        pieces, writes = _pieces(shape, spec.mesh, placements, order)
+        return Shards(t._local_tensor, shape, pieces, writes, _cover(shape, placements, _mesh_shape(spec.mesh), order))
     whole = Box.whole(shape)
     return Shards(t, shape, (Piece(whole, whole),), rank == 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _mesh_shape(mesh) -> tuple[int, ...]:
+    """``mesh.shape``, which torch recomputes on every call (12 us: it adds up over 50,000 tensors)."""
+    return tuple(mesh.shape)
 
 
 def pieces_of(shape: tuple[int, ...], mesh, placements: tuple) -> tuple[Piece, ...]:
@@ -85,6 +94,13 @@ def describe(t: torch.Tensor) -> str:
         return "a plain tensor"
     spec = t._spec
     return f"placements {tuple(spec.placements)} on a mesh of shape {tuple(spec.mesh.shape)}"
+
+
+@functools.lru_cache(maxsize=256)
+def _stacked(placements: tuple) -> bool:
+    """Whether some tensor dimension is split by more than one mesh dimension (only then does order matter)."""
+    dims = [p.dim for p in placements if isinstance(p, (Shard, _StridedShard))]
+    return len(dims) != len(set(dims))
 
 
 def _order(spec) -> tuple | None:
@@ -120,7 +136,7 @@ def _pieces(shape: tuple[int, ...], mesh, placements: tuple, order: tuple | None
         return (), False
     by_dim = _sharding(placements, order, len(shape))
     writes = all(c == 0 for c, p in zip(coord, placements) if isinstance(p, Replicate)) and _first_sibling(mesh)
-    sizes = tuple(mesh.shape)
+    sizes = _mesh_shape(mesh)
     runs = [_runs(_indices(n, tuple((placements[m], sizes[m], coord[m]) for m in ms))) for n, ms in zip(shape, by_dim)]
     out = []
     for combo in itertools.product(*runs):
@@ -174,15 +190,17 @@ def _runs(idx: np.ndarray) -> list[tuple[int, int, int]]:
 def check_cover(name: str, t: torch.Tensor) -> str | None:
     """None if the writers of ``t``'s pieces, over every mesh coordinate, cover each element exactly once;
     else what is wrong (plain tensors are whole by definition)."""
-    if not is_dtensor(t):
-        return None
-    spec = t._spec
-    by_dim = _sharding(tuple(spec.placements), _order(spec), t.dim())
-    sizes = tuple(spec.mesh.shape)
-    for d, (n, ms) in enumerate(zip(t.shape, by_dim)):
-        problem = _dim_cover(n, tuple((spec.placements[m], sizes[m]) for m in ms))
+    problem = of(t).problem
+    return f"tensor {name!r} ({describe(t)}): {problem}" if problem else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _cover(shape: tuple[int, ...], placements: tuple, mesh_shape: tuple[int, ...], order: tuple | None) -> str | None:
+    by_dim = _sharding(placements, order, len(shape))
+    for d, (n, ms) in enumerate(zip(shape, by_dim)):
+        problem = _dim_cover(n, tuple((placements[m], mesh_shape[m]) for m in ms))
         if problem:
-            return f"tensor {name!r} ({describe(t)}): dimension {d} of size {n}: {problem}"
+            return f"dimension {d} of size {n}: {problem}"
     return None
 
 
