@@ -299,6 +299,7 @@ def main(argv=None) -> None:
         )
         start = resume(manager, model, optim, args, rank) if args.resume else 0
         train(manager, model, optim, args, start, saving)
+        dist.barrier()  # no rank tears its connections down while a peer is still in its last collective
     finally:
         dist.destroy_process_group()
 

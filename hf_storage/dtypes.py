@@ -103,7 +103,7 @@ _PLAIN = frozenset(st for st, dt in _TO_TORCH.items() if dt not in PACKED)
 
 def unloadable(name: str, shape: tuple[int, ...]) -> str | None:
     """Why a (validated) header entry of dtype ``name`` and ``shape`` cannot become a torch tensor; None if it can."""
-    if name in _PLAIN:  # the usual case, once per tensor of a checkpoint
+    if name in _PLAIN and name in _TO_TORCH:  # the usual case, once per tensor of a checkpoint
         return None
     if name not in _TO_TORCH:
         return f"is stored as {name}, and {_no_torch_type()}"

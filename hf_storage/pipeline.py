@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from . import checksum, engine, publish, row_assembly, shards
+from . import checksum, dtypes, engine, publish, row_assembly, shards
 from .box import Box
 from .collectives import FirstError, Group
 from .errors import HFStorageError, PeerFailure, SaveError, UnsupportedEntryError, format_keys
@@ -176,6 +176,7 @@ def tensors_of(state_dict: Mapping) -> dict[str, torch.Tensor]:
 
 def plan(state_dict: Mapping, opts: Options, rank: int) -> Job:
     """Everything a rank can know and check alone, before any collective or I/O."""
+    dtypes.check_host()  # before the cached layout: every save checks the host
     tensors = tensors_of(state_dict)
     mapping = tuple(sorted(opts.fqn_to_index_mapping.items())) if opts.fqn_to_index_mapping is not None else None
     specs = tuple(TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items())
