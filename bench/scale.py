@@ -416,7 +416,7 @@ def run_gather_free(params: list[Param], mesh: Mesh, *, commit: bool) -> dict:
             "pieces_mb": pieces_mb,
         }
     (boxes, bands, rounds), _, mb = _timed_trace(lambda: node_plan(params, mesh, layout))
-    out["exchange"] = {
+    out["node"] = {
         "s": _best_time(lambda: node_plan(params, mesh, layout)),
         "mb": mb,
         "boxes": boxes,
@@ -690,7 +690,7 @@ def tables(rows: list[dict]) -> str:
             f"{g['runs_s']:7.3f} "
             f"{g['runs_max']:>8} {g['runs_worst_rank']:>5} | {_fmt(g.get('commit_s'), '8.2f')} "
             f"{_fmt(g.get('commit_mb'), '9.1f')} {_fmt(g.get('report_bytes', 0) / 1e6, '10.1f')} | "
-            f"{_fmt(g.get('exchange', {}).get('s'), '7.3f')} {g.get('exchange', {}).get('boxes', '-'):>10}"
+            f"{_fmt(g.get('node', {}).get('s'), '7.3f')} {g.get('node', {}).get('boxes', '-'):>10}"
         )
     head2 = (
         f"{'model':<11} {'N':>5} {'chunks':>9} | {'build s':>8} {'gather s':>8} {'gath MB':>8} | "
@@ -755,8 +755,8 @@ def check_targets(rows: list[dict]) -> list[dict]:
         TARGETS["runs_s"],
         "s",
     )
-    if "exchange" in g:
-        add(f"{name} row-assembly planning on a node (every rank of it)", g["exchange"]["s"], TARGETS["runs_s"], "s")
+    if "node" in g:
+        add(f"{name} row-assembly planning on a node (every rank of it)", g["node"]["s"], TARGETS["runs_s"], "s")
     add(f"{name} gather-free commit on rank 0 (unpickle N reports + tally)", g.get("commit_s"), TARGETS["plan_s"], "s")
     add(f"{name} gather-free commit memory on rank 0", g.get("commit_mb"), TARGETS["plan_mb"], "MB", "RSS growth")
     d, note = big["dcp"], "measured"

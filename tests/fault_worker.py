@@ -107,7 +107,7 @@ class Fault:
 
     def install(self) -> None:
         """Wrap the library functions at the fault point (module attributes are looked up at call time)."""
-        create, write_chunks, pwrite_all, publish = (
+        create, write, pwrite_all, publish = (
             hpipeline.create_files,
             hpipeline.write,
             hengine.pwrite_all,
@@ -121,7 +121,7 @@ class Fault:
         def chunks(*a, **k):
             self.writing = True
             try:
-                results = write_chunks(*a, **k)
+                results = write(*a, **k)
             finally:
                 self.writing = False
             self.fire("report")
