@@ -17,8 +17,8 @@ runs it:
     tensor: ``shards._dim_cover`` per tensor dimension, cached per distinct (dim size, placements, mesh
     sizes)), from a cold cache, as a rank's first save runs it; every rank runs it, and it grows with N;
   * pieces: the exact pieces a rank writes (``hf_storage.shards._pieces``, what ``pipeline.chunks_of``
-    reads through ``shards.of``) on a duck-typed mesh (:class:`SimMesh`: sizes + this rank's coordinate;
-    no DeviceMesh, no process group), from cold caches;
+    reads through ``shards.of``) on a mesh key (``hf_storage.shards.MeshKey``: sizes + this rank's
+    coordinate; no DeviceMesh, no process group), from cold caches;
   * runs: ``engine.Place.span`` (``Box.runs`` and the file offsets, as ``engine.write_box`` computes them)
     for each piece a rank writes, for the first rank (coordinate (0, 0): under torch.chunk it holds the
     largest chunk of every tensor, so it is the worst rank), the middle rank and the last rank;
@@ -139,18 +139,6 @@ def rank_chunks(params: list[Param], mesh: Mesh, rank: int, *, owned_only: bool)
 
 
 # -- what a rank writes: hf_storage.shards on a simulated mesh -------------------------------------
-@dataclasses.dataclass(frozen=True)
-class SimMesh:
-    """The part of a DeviceMesh that ``hf_storage.shards._pieces`` reads: its sizes and this rank's coordinate
-    (a root mesh: no submesh siblings). Hashable, so the library's caches work as on a real mesh."""
-
-    shape: tuple[int, ...]
-    coord: tuple[int, ...]
-
-    def get_coordinate(self) -> list[int]:
-        return list(self.coord)
-
-
 @functools.cache
 def torch_placements(places) -> tuple:
     """The DTensor placements of :func:`placements`."""
@@ -164,7 +152,7 @@ def rank_pieces(params: list[Param], mesh: Mesh, rank: int):
     ``hf_storage.shards`` (replicas only at coordinate 0; empty pieces skipped)."""
     from hf_storage import shards
 
-    sim = SimMesh((mesh.dp, mesh.tp), mesh.coord(rank))
+    sim = shards.MeshKey((mesh.dp, mesh.tp), tuple(mesh.coord(rank)), True)  # a root mesh: no submesh siblings
     for p in params:
         pieces, writes = shards._pieces(p.shape, sim, torch_placements(placements(p)), None)
         if writes:

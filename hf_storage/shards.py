@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import weakref
 from collections.abc import Sequence
 from typing import NamedTuple, TypeGuard
 
@@ -62,21 +63,39 @@ def of(t: torch.Tensor, rank: int = 0) -> Shards:
         spec = t._spec
         placements = tuple(spec.placements)
         order = _order(spec) if _stacked(placements) else None  # torch computes shard_order on every access
-        pieces, writes = _pieces(shape, spec.mesh, placements, order)
-        return Shards(t._local_tensor, shape, pieces, writes, _cover(shape, placements, _mesh_shape(spec.mesh), order))
+        mesh = _mesh_key(spec.mesh)
+        pieces, writes = _pieces(shape, mesh, placements, order)
+        return Shards(t._local_tensor, shape, pieces, writes, _cover(shape, placements, mesh.shape, order))
     whole = Box.whole(shape)
     return Shards(t, shape, (Piece(whole, whole),), rank == 0)
 
 
-@functools.lru_cache(maxsize=64)
-def _mesh_shape(mesh) -> tuple[int, ...]:
-    """``mesh.shape``, which torch recomputes on every call (12 us: it adds up over 50,000 tensors)."""
-    return tuple(mesh.shape)
+class MeshKey(NamedTuple):
+    """What the pieces need of a mesh, as plain values: the caches below must not keep a ``DeviceMesh`` (and
+    through it the process groups) alive after ``destroy_process_group``, or their threads outlive the process
+    group and abort the interpreter at exit."""
+
+    shape: tuple[int, ...]
+    coordinate: tuple[int, ...] | None
+    first_sibling: bool
+
+
+_MESHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _mesh_key(mesh) -> MeshKey:
+    """``mesh``'s key, computed once while the mesh lives (``mesh.shape`` alone costs 12 us in torch 2.13)."""
+    key = _MESHES.get(mesh)
+    if key is None:
+        coord = mesh.get_coordinate()
+        key = MeshKey(tuple(mesh.shape), tuple(coord) if coord is not None else None, _first_sibling(mesh))
+        _MESHES[mesh] = key
+    return key
 
 
 def pieces_of(shape: tuple[int, ...], mesh, placements: tuple) -> tuple[Piece, ...]:
     """This rank's pieces of a tensor of ``shape`` laid out by ``placements`` on ``mesh`` (a DTensor to be)."""
-    return _pieces(tuple(shape), mesh, tuple(placements), None)[0]
+    return _pieces(tuple(shape), _mesh_key(mesh), tuple(placements), None)[0]
 
 
 def view(data: torch.Tensor, local: Box) -> torch.Tensor:
@@ -128,15 +147,17 @@ def _sharding(placements: tuple, order: tuple | None, ndim: int) -> list[list[in
 
 
 @functools.lru_cache(maxsize=4096)
-def _pieces(shape: tuple[int, ...], mesh, placements: tuple, order: tuple | None) -> tuple[tuple[Piece, ...], bool]:
+def _pieces(
+    shape: tuple[int, ...], mesh: MeshKey, placements: tuple, order: tuple | None
+) -> tuple[tuple[Piece, ...], bool]:
     """This rank's pieces of a tensor of ``shape`` and whether it writes them; cached, since a model repeats
     a few layouts many times."""
-    coord = mesh.get_coordinate()
+    coord = mesh.coordinate
     if coord is None:  # this rank is not in the mesh: it holds nothing
         return (), False
     by_dim = _sharding(placements, order, len(shape))
-    writes = all(c == 0 for c, p in zip(coord, placements) if isinstance(p, Replicate)) and _first_sibling(mesh)
-    sizes = _mesh_shape(mesh)
+    writes = all(c == 0 for c, p in zip(coord, placements) if isinstance(p, Replicate)) and mesh.first_sibling
+    sizes = mesh.shape
     runs = [_runs(_indices(n, tuple((placements[m], sizes[m], coord[m]) for m in ms))) for n, ms in zip(shape, by_dim)]
     out = []
     for combo in itertools.product(*runs):

@@ -51,7 +51,7 @@ def _pieces_on_a_2x2_mesh(rank: int, world: int) -> dict:
         spec = DTensor.from_local(
             local, mesh, placements, run_check=False, shape=torch.Size((8, 6)), stride=(6, 1)
         )._spec
-        got, writes = shards._pieces((8, 6), spec.mesh, tuple(spec.placements), shards._order(spec))
+        got, writes = shards._pieces((8, 6), shards._mesh_key(spec.mesh), tuple(spec.placements), shards._order(spec))
         out[name] = ([(p.box.offsets, p.box.sizes, p.local.offsets) for p in got], writes)
     return out
 
