@@ -162,6 +162,7 @@ class _Saver:
             self.last.exception()
         for w in self.writers.values():
             w.close()
+        self.groups.clear()  # the dedicated groups go now, not during interpreter teardown
 
     def settle(self, if_busy: str) -> float:
         """Wait for the previous save (or refuse, with ``if_busy="raise"``); raise its error if nobody asked
