@@ -49,7 +49,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -446,21 +445,7 @@ def _run_all(rank: int, world: int, s: AsyncSettings) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, s: AsyncSettings, _many: bool, queue) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )
-    try:
-        import torch
-        import torch.distributed as dist
-
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        result = _run_all(rank, world, s)
-        dist.barrier()
-        dist.destroy_process_group()
-        queue.put((rank, "ok", result if rank == 0 else None))
-    except BaseException:
-        queue.put((rank, "error", traceback.format_exc()))
+    R.serve_rank(rank, world, port, queue, lambda r, w: _run_all(r, w, s))
 
 
 def run_section(s: AsyncSettings, timeout: float = 3600) -> dict:

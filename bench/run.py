@@ -350,35 +350,44 @@ def _warm_up(o, s: Settings) -> None:
     _load_runs(state, target, s.load_names, o, s, "warm-up", 1, say=False)
 
 
-def _worker(rank: int, world: int, port: int, s: Settings, many: bool, queue) -> None:
+def serve_rank(rank: int, world: int, port: int, queue, body) -> None:
+    """One spawned gloo rank: join the group, run ``body(rank, world)``, send rank 0's result (or the error)."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
     try:
-        import itertools
-
         import torch
         import torch.distributed as dist
 
-        from .contenders import Opts
-
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        o = Opts(rank, world, s.threads, False, s.max_shard_size, s.checksums)
-        counter = itertools.count()
-        if s.warm_up:
-            _warm_up(o, s)
-        _settle()
-        cases = []
-        for case in s.cases:
-            oc = Opts(rank, world, s.threads, case.durable, s.max_shard_size, s.checksums)
-            cases.append(_run_case(case, oc, s, counter))
-        result = {"cases": cases, "many": _run_many(o, s, counter) if many else None}
+        result = body(rank, world)
         dist.barrier()
         dist.destroy_process_group()
         queue.put((rank, "ok", result if rank == 0 else None))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
+
+
+def _worker(rank: int, world: int, port: int, s: Settings, many: bool, queue) -> None:
+    serve_rank(rank, world, port, queue, lambda r, w: _run_all(r, w, s, many))
+
+
+def _run_all(rank: int, world: int, s: Settings, many: bool) -> dict:
+    import itertools
+
+    from .contenders import Opts
+
+    o = Opts(rank, world, s.threads, False, s.max_shard_size, s.checksums)
+    counter = itertools.count()
+    if s.warm_up:
+        _warm_up(o, s)
+    _settle()
+    cases = []
+    for case in s.cases:
+        oc = Opts(rank, world, s.threads, case.durable, s.max_shard_size, s.checksums)
+        cases.append(_run_case(case, oc, s, counter))
+    return {"cases": cases, "many": _run_many(o, s, counter) if many else None}
 
 
 def _free_port() -> int:
