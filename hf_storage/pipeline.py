@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from . import checksum, dtypes, engine, publish, row_assembly, shards
+from . import checksum, dtypes, engine, objstore, publish, remote, row_assembly, shards
 from .box import Box
 from .collectives import FirstError, Group
 from .errors import HFStorageError, PeerFailure, SaveError, UnsupportedEntryError, format_keys
@@ -65,6 +65,8 @@ def options(**kwargs: Any) -> Options:
         raise TypeError(f"unknown save option(s) {', '.join(unknown)}; the options are: {known}")
     if kwargs.get("thread_count", 1) < 1:
         raise ValueError(f"thread_count must be >= 1, got {kwargs['thread_count']}")
+    for name in kwargs.get("extra_files") or {}:
+        publish.check_name(name)
     return Options(**kwargs)
 
 
@@ -407,6 +409,20 @@ _DIFFERENT_LAYOUT = (
 def finalize(staging: publish.Staging, layout: Layout, written: Tally, opts: Options) -> dict:
     """Check that every tensor's bytes were written exactly once, write the extra files and the index (the
     commit point), publish. Returns the index."""
+    index = index_of(layout, written)
+    if opts.durable:
+        for f in layout.files:
+            publish.fsync_path(staging.directory / f.name)
+    for name, data in (opts.extra_files or {}).items():
+        publish.write_file(staging.directory, name, data.encode() if isinstance(data, str) else data, opts.durable)
+    publish.write_file(staging.directory, INDEX_NAME, json.dumps(index, indent=2).encode() + b"\n", opts.durable)
+    publish.publish(staging, opts.durable)
+    return index
+
+
+def index_of(layout: Layout, written: Tally) -> dict:
+    """The index JSON of a save whose ranks reported ``written``, once every tensor's bytes were written exactly
+    once (else :class:`HFStorageError` naming the tensors)."""
     rows = written.rows
     wrong = [
         f"{name} ({rows.get(name, (0,))[0]} of {p.spec.nbytes} bytes)"
@@ -419,15 +435,7 @@ def finalize(staging: publish.Staging, layout: Layout, written: Tally, opts: Opt
             f"Tensors: {format_keys(wrong)}. "
             "Check that the shards of each DTensor cover it without overlap."
         )
-    if opts.durable:
-        for f in layout.files:
-            publish.fsync_path(staging.directory / f.name)
-    for name, data in (opts.extra_files or {}).items():
-        publish.write_file(staging.directory, name, data.encode() if isinstance(data, str) else data, opts.durable)
-    index = layout.index(_metadata(layout, rows))
-    publish.write_file(staging.directory, INDEX_NAME, json.dumps(index, indent=2).encode() + b"\n", opts.durable)
-    publish.publish(staging, opts.durable)
-    return index
+    return layout.index(_metadata(layout, rows))
 
 
 def _metadata(layout: Layout, rows: Mapping[str, list]) -> dict[str, object]:
@@ -509,7 +517,11 @@ def write_shared(
     g: Group, job: Job, desk: row_assembly.Desk | None, path: str | os.PathLike, opts: Options, start: float
 ) -> Outcome:
     """Everything after planning, on group ``g``: prepare, assemble, write, agree, publish (``start``: when
-    the save began, for its timing)."""
+    the save began, for its timing). An object-store URI goes to :func:`write_remote`."""
+    if objstore.is_uri(os.fspath(path)):
+        if desk is not None:
+            desk.close()
+        return write_remote(g, job, objstore.Location.parse(os.fspath(path)), opts, start)
     try:
         staging, prepared = _prepare_shared(g, job, path, opts)
         report, assembled = _write_report(g, job, desk, prepared, opts)
@@ -625,3 +637,101 @@ def _assembled(job: Job, assembly: row_assembly.Assembly | None) -> int:
         if rows:
             total += rows * (c.data.numel() // c.box.sizes[0]) * c.data.element_size()
     return total
+
+
+# -- the same phases to an object store ------------------------------------------------------------
+
+
+def write_remote(g: Group, job: Job, loc: objstore.Location, opts: Options, start: float) -> Outcome:
+    """Everything after planning, to an object store (:mod:`.remote`): describe (every rank's chunk boxes, one
+    all-gather), prepare (rank 0: lock, clean up, one upload per file), upload (rounds of ``all_to_all`` for
+    parts several ranks hold), agree and publish (rank 0: complete, extra files, index last)."""
+    data, parts = _describe_remote(g, job)
+    session, uploads = _prepare_remote(g, job, loc, opts)
+    try:
+        tally, etags = remote.write(g, parts, data, uploads.ids, loc, opts.thread_count, opts.budget, opts.checksums)
+        report: remote.Uploaded | Exception = remote.Uploaded(g.rank, Tally().merge(tally).items(), tuple(etags))
+    except PeerFailure:
+        if session is not None:
+            session.abort()
+        raise
+    except Exception as e:
+        report = e
+    _agree_publish_remote(g, job, parts, session, report, opts)
+    local = sum(c.data.numel() * c.data.element_size() for c in job.chunks)
+    return Outcome(job.layout, local, 0, time.perf_counter() - start)  # type: ignore[arg-type]
+
+
+def _describe_remote(g: Group, job: Job) -> tuple[list[torch.Tensor], remote.Parts]:
+    """Every rank's pieces (where its chunks lie in the files), and this rank's chunk bytes on the host; a
+    failure anywhere fails every rank here, before any upload begins."""
+    data: list[torch.Tensor] = []
+    local: Exception | None = None
+    message: list[remote.Piece] | str
+    try:
+        data = [remote.bytes_of(c.data) for c in job.chunks]
+        message = [_piece(job, c) for c in job.chunks]
+    except Exception as e:
+        local, message = e, describe(e)
+    described = g.all_gather(message)
+    failures = {r: m for r, m in enumerate(described) if isinstance(m, str)}
+    if failures:
+        fail(failures, g.rank, local, g.size == 1)
+    pieces = [m for m in described if not isinstance(m, str)]
+    return data, remote.Parts.plan(job.layout, pieces)  # type: ignore[arg-type]
+
+
+def _piece(job: Job, c: Chunk) -> remote.Piece:
+    p = job.placed[c.fqn]
+    return remote.Piece(c.fqn, p.file, p.offset, c.shape, c.data.element_size(), c.box)
+
+
+def _prepare_remote(
+    g: Group, job: Job, loc: objstore.Location, opts: Options
+) -> tuple[remote.Session | None, remote.Uploads]:
+    """Rank 0 locks the prefix and begins the uploads; every rank learns their ids, or that it failed."""
+    session: remote.Session | None = None
+    message: remote.Uploads | Failure | None = None
+    local: Exception | None = None
+    if g.rank == 0:
+        try:
+            session = remote.prepare(loc, job.layout, opts.overwrite, opts.lock_wait)  # type: ignore[arg-type]
+            message = remote.Uploads(dict(session.uploads), session.had_index)
+        except Exception as e:
+            message, local = Failure({0: describe(e)}), e
+    message = g.broadcast(message)
+    if isinstance(message, Failure):
+        fail(message.failures, g.rank, local, g.size == 1)
+    return session, message  # type: ignore[return-value]
+
+
+def _agree_publish_remote(
+    g: Group,
+    job: Job,
+    parts: remote.Parts,
+    session: remote.Session | None,
+    report: remote.Uploaded | Exception,
+    opts: Options,
+) -> None:
+    """Rank 0 gathers the reports, then completes and publishes, or aborts every upload; every rank learns
+    the outcome."""
+    local = report if isinstance(report, Exception) else None
+    mine = report if isinstance(report, remote.Uploaded) else remote.Uploaded(g.rank, error=describe(report))
+    reports = g.gather(mine)
+    outcome = None
+    if g.rank == 0:
+        assert session is not None and reports is not None
+        try:
+            failures = {r.rank: r.error for r in reports if r.error}
+            if failures:
+                raise SaveError(failure_message(failures), failures)
+            index = index_of(job.layout, Tally().merge(row for r in reports for row in r.written))  # type: ignore[arg-type]
+            remote.complete(session, parts, (e for r in reports for e in r.etags))
+            remote.publish(session, index, opts.extra_files)
+        except Exception as e:
+            session.abort()
+            outcome = Failure(e.failures if isinstance(e, SaveError) else {0: describe(e)})
+            local = local or (None if isinstance(e, SaveError) else e)
+    outcome = g.broadcast(outcome)
+    if isinstance(outcome, Failure):
+        fail(outcome.failures, g.rank, local, g.size == 1)

@@ -240,10 +240,15 @@ def fsync_path(path: str | os.PathLike, directory: bool = False) -> None:
         os.close(fd)
 
 
-def write_file(directory: Path, name: str, data: bytes, durable: bool) -> None:
-    """Write a small file (index, config.json) completely, via a temporary name and rename."""
+def check_name(name: str) -> None:
+    """An extra file's name must be a plain name inside the checkpoint directory (or prefix)."""
     if not name or "/" in name or name in (".", "..") or "\0" in name:
         raise HFStorageError(f"extra file name {name!r} must be a plain file name inside the checkpoint directory")
+
+
+def write_file(directory: Path, name: str, data: bytes, durable: bool) -> None:
+    """Write a small file (index, config.json) completely, via a temporary name and rename."""
+    check_name(name)
     tmp = directory / f".{name}.tmp"
     with open(tmp, "wb") as f:
         f.write(data)

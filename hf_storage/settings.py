@@ -28,3 +28,23 @@ def row_assembly() -> bool:
 def node() -> str | None:
     """``HF_STORAGE_NODE``, when set."""
     return os.environ.get("HF_STORAGE_NODE") or None
+
+
+def s3_attempts() -> int:
+    """``HF_STORAGE_S3_ATTEMPTS``: attempts per object-store request, retries included (default 10)."""
+    return max(1, int(os.environ.get("HF_STORAGE_S3_ATTEMPTS", "10")))
+
+
+def part_size() -> int:
+    """``HF_STORAGE_PART_SIZE``: bytes per multipart-upload part (default 32 MiB; at least 5 MiB, the stores'
+    minimum)."""
+    value = int(os.environ.get("HF_STORAGE_PART_SIZE", str(32 * 2**20)))
+    if value < 5 * 2**20:
+        raise ValueError(f"HF_STORAGE_PART_SIZE={value} is below the object stores' 5 MiB minimum part size")
+    return value
+
+
+def s3_lease() -> float:
+    """``HF_STORAGE_S3_LEASE``: seconds an object-store save's lock lasts without renewal (default 60): a save
+    killed by SIGKILL blocks the next save of its prefix for at most this long."""
+    return float(os.environ.get("HF_STORAGE_S3_LEASE", "60"))
