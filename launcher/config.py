@@ -16,9 +16,11 @@ Groups and keys (see ``configs/`` for the options):
 - ``world``: ``nnodes``, ``nproc_per_node`` (checked against torchrun's environment), ``timeout_s``.
 - ``placement``: ``device`` (auto|cuda|cpu), ``gpus``, ``bind_cpus``, ``check_free_memory``, ``headroom``.
 - ``parallel``: ``dp_shard`` (-1: the ranks left over), ``tp`` (-1: all ranks).
-- ``output``: ``dir``, ``max_shard_size``, ``dtype`` (a :class:`DType` or null), ``overwrite`` (error|replace),
+- ``output``: ``dir`` (a directory, or an object-store prefix ``s3://bucket/prefix``: see
+  :mod:`launcher.locations`), ``max_shard_size``, ``dtype`` (a :class:`DType` or null), ``overwrite`` (error|replace),
   ``durable``, ``thread_count``.
-- ``source``: ``kind`` (random|dcp|hf), ``path``, ``key_prefix``, ``thread_count``.
+- ``source``: ``kind`` (random|dcp|hf), ``path`` (hf: a directory or ``s3://bucket/prefix``; dcp: a directory),
+  ``key_prefix``, ``thread_count``.
 - top level: ``seed`` (int, the random init), and for ``load`` ``compare`` (none|random) and ``dtype`` (a
   :class:`DType` or null).
 """
@@ -33,6 +35,10 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A required config value is missing or unusable; the message gives the override that fixes it."""
 
 
 class Device(Enum):
@@ -130,7 +136,7 @@ class ParallelConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = MISSING
+    dir: str = MISSING  # a directory, or s3://bucket/prefix (kept as a string: launcher.locations)
     max_shard_size: str | None = "5GB"
     dtype: DType | None = None  # None: model.torch_dtype
     overwrite: Overwrite = Overwrite.error
@@ -142,7 +148,7 @@ class OutputConfig:
 @dataclass
 class SourceConfig:
     kind: SourceKind = SourceKind.random
-    path: str | None = None  # dcp / hf: the checkpoint directory
+    path: str | None = None  # dcp: the checkpoint directory; hf: a directory or s3://bucket/prefix
     key_prefix: str = ""  # dcp: prefix of the model keys, e.g. "model."
     thread_count: int = 4  # reader threads per rank
 

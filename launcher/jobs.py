@@ -3,6 +3,9 @@
     python -m launcher.jobs cluster=slurm world.nnodes=4 world.nproc_per_node=8 +model=llama3_70b output.dir=/ckpt/x
     python -m launcher.jobs cluster=k8s world.nnodes=4 world.nproc_per_node=8 +model=llama3_70b \\
         output.dir=/ckpt/x cluster.image=registry.example.com/hf-ckpt:latest cluster.claim=ckpt --output job.yaml
+    python -m launcher.jobs cluster=k8s world.nnodes=4 world.nproc_per_node=8 +model=llama3_70b \\
+        output.dir=s3://my-bucket/llama3-70b cluster.image=registry.example.com/hf-ckpt:latest \\
+        cluster.storage=s3 cluster.s3.secret=aws-credentials cluster.s3.region=us-east-1 --output job.yaml
 
 The primary config ``configs/jobs.yaml`` is ``configs/save.yaml`` plus the ``cluster/`` group, so every
 override the save app accepts is accepted (and checked) here. The rendered job runs one torchrun agent per
@@ -12,7 +15,13 @@ node with a c10d rendezvous and passes the overrides through to ``-m launcher.sa
 - ``cluster=slurm``: an sbatch script; ``srun`` starts one torchrun per node, rendezvous on the first host
   of the allocation, ``--rdzv-id=$SLURM_JOB_ID``.  Submit with ``sbatch FILE``.
 - ``cluster=k8s``: a Kubeflow training-operator ``PyTorchJob`` (elastic policy, c10d, one Worker pod per
-  node, rendezvous on ``<job_name>-worker-0``).  Submit with ``kubectl apply -f FILE``.
+  node, rendezvous on ``<job_name>-worker-0``).  Submit with ``kubectl apply -f FILE``. Where the pods write
+  the checkpoint is ``cluster.storage``: ``pvc`` (default) a ReadWriteMany claim (``cluster.claim``) mounted at
+  ``cluster.mount_path`` in every pod; ``s3`` an object store, ``output.dir=s3://BUCKET/PREFIX``, with no
+  checkpoint volume: the pods get ``AWS_ENDPOINT_URL`` / ``AWS_REGION`` from ``cluster.s3.endpoint_url`` /
+  ``cluster.s3.region`` when set, the credentials from the Secret ``cluster.s3.secret`` (``envFrom``; keys
+  ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` ...) or from the role of ``cluster.service_account`` (IRSA,
+  EKS Pod Identity), never from the config itself.
 - ``cluster=local``: a bash script running one standalone torchrun on this machine (``world.nnodes=1``).
 
 The job is printed to stdout, or written to ``--output FILE``. Your own cluster presets go in
@@ -29,6 +38,7 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import yaml
@@ -40,6 +50,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import config as _save_config  # noqa: F401  (registers the save app's schemas and resolvers)
+from . import locations
+from .config import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRIMARY = "jobs"
@@ -76,6 +88,22 @@ class SlurmCluster(ClusterBase):
     setup: list[str] = field(default_factory=list)  # shell lines run before srun, verbatim
 
 
+class K8sStorage(Enum):
+    """Where the pods of a k8s job write ``output.dir``."""
+
+    pvc = "pvc"  # a shared ReadWriteMany volume: cluster.claim, mounted at cluster.mount_path
+    s3 = "s3"  # an object store: output.dir=s3://BUCKET/PREFIX, no checkpoint volume
+
+
+@dataclass
+class K8sS3:
+    """``cluster.s3``: what the pods need to reach the object store (``cluster.storage=s3``)."""
+
+    endpoint_url: str | None = None  # AWS_ENDPOINT_URL in the pods (MinIO, Ceph, R2 ...); null: AWS's own
+    region: str | None = None  # AWS_REGION in the pods
+    secret: str | None = None  # a Secret whose keys (AWS_ACCESS_KEY_ID, ...) become the pods' env (envFrom)
+
+
 @dataclass
 class K8sCluster(ClusterBase):
     image: str = MISSING
@@ -85,8 +113,11 @@ class K8sCluster(ClusterBase):
     cpu: str | None = None  # requests = limits, e.g. "32"
     memory: str | None = None  # e.g. "512Gi"
     shm_size: str | None = "16Gi"  # /dev/shm as a memory emptyDir; null: none
+    storage: K8sStorage = K8sStorage.pvc  # pvc: output.dir on the claim | s3: output.dir=s3://BUCKET/PREFIX
     claim: str | None = None  # a ReadWriteMany PersistentVolumeClaim shared by all pods, holding output.dir
     mount_path: str = "/ckpt"  # where the claim is mounted
+    s3: K8sS3 = field(default_factory=K8sS3)
+    service_account: str | None = None  # the pods' serviceAccountName (IRSA / EKS Pod Identity for s3)
     restart_policy: str = "Never"
     max_restarts: int = 0  # torchrun restarts of the worker group (elasticPolicy.maxRestarts)
     node_selector: dict[str, str] = field(default_factory=dict)
@@ -178,6 +209,17 @@ def _check_complete(cfg: DictConfig, config_dir: Path) -> None:
         OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         raise JobConfigError(f"the config does not resolve: {e}") from None
+
+
+def _check_locations(cfg: DictConfig) -> None:
+    """An ``s3://`` value of ``output.dir`` / ``source.path`` is well formed: fail here, not in the queue."""
+    for key in ("output.dir", "source.path"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and locations.looks_like_uri(value):
+            try:
+                locations.check_uri(key, value)
+            except ConfigError as e:
+                raise JobConfigError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -332,6 +374,7 @@ def _k8s_checks(job: Job) -> None:
             f"cluster.job_name={c.job_name!r} is not a valid PyTorchJob name: use at most 47 "
             "lowercase letters, digits and '-', starting and ending with a letter or digit"
         )
+    _k8s_storage_checks(job)
     out = OmegaConf.select(job.cfg, "output.dir")
     if c.claim and out is not None and not _under(str(out), c.mount_path):
         raise JobConfigError(
@@ -341,9 +384,59 @@ def _k8s_checks(job: Job) -> None:
         )
 
 
+def _k8s_name(value: str | None, key: str) -> None:
+    """A Secret / ServiceAccount name: a DNS subdomain (lowercase letters, digits, '-' and '.')."""
+    if value is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", str(value)):
+        raise JobConfigError(
+            f"{key}={value!r} is not a Kubernetes object name: use lowercase letters, digits, '-' and '.', "
+            "starting and ending with a letter or digit"
+        )
+
+
+def _k8s_storage_checks(job: Job) -> None:
+    """``cluster.storage`` and ``output.dir`` agree: a claim for a directory, an object store for a URI."""
+    c = job.cluster
+    out = OmegaConf.select(job.cfg, "output.dir")
+    uri = isinstance(out, str) and locations.looks_like_uri(out)
+    if c.storage is K8sStorage.pvc and uri:
+        raise JobConfigError(
+            f"output.dir={out!r} is an object-store URI, but cluster.storage=pvc: pass cluster.storage=s3 "
+            "(credentials from cluster.s3.secret=NAME or cluster.service_account=NAME)"
+        )
+    if c.storage is K8sStorage.s3:
+        if not uri:
+            raise JobConfigError(
+                f"cluster.storage=s3 writes to an object store, but output.dir={out!r}: pass "
+                f"output.dir={locations.URI_FORM}, or cluster.storage=pvc with cluster.claim=NAME"
+            )
+        if c.claim:
+            raise JobConfigError(
+                f"cluster.claim={c.claim!r} is a checkpoint volume, but cluster.storage=s3 writes output.dir to "
+                "the object store: drop it (cluster.claim=null) or use cluster.storage=pvc"
+            )
+        url = c.s3.endpoint_url
+        if url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", str(url)):
+            raise JobConfigError(
+                f"cluster.s3.endpoint_url={url!r} is not an http(s) URL: pass e.g. "
+                "cluster.s3.endpoint_url=https://minio.example.com:9000, or null for AWS"
+            )
+        if c.s3.region is not None and not re.fullmatch(r"[a-z0-9-]+", str(c.s3.region)):
+            raise JobConfigError(f"cluster.s3.region={c.s3.region!r} is not a region name such as us-east-1")
+        _k8s_name(c.s3.secret, "cluster.s3.secret")
+    _k8s_name(c.service_account, "cluster.service_account")
+
+
 def _under(path: str, root: str) -> bool:
     p, r = os.path.normpath(path), os.path.normpath(root)
     return p == r or p.startswith(r.rstrip("/") + "/")
+
+
+def _k8s_env(c: DictConfig) -> dict[str, str]:
+    """``cluster.env``, after the object store's endpoint and region (``cluster.storage=s3``, when set)."""
+    aws = {}
+    if c.storage is K8sStorage.s3:
+        aws = {"AWS_ENDPOINT_URL": c.s3.endpoint_url, "AWS_REGION": c.s3.region}
+    return {k: str(v) for k, v in aws.items() if v is not None} | _check_env(c.env)
 
 
 def _k8s_container(job: Job) -> dict:
@@ -354,9 +447,11 @@ def _k8s_container(job: Job) -> dict:
         "imagePullPolicy": c.image_pull_policy,
         "command": [_k8s_escape(w) for w in k8s_torchrun(job)],
     }
-    env = _check_env(c.env)
+    env = _k8s_env(c)
     if env:
         container["env"] = [{"name": k, "value": _k8s_escape(v)} for k, v in env.items()]
+    if c.storage is K8sStorage.s3 and c.s3.secret:
+        container["envFrom"] = [{"secretRef": {"name": c.s3.secret}}]
     container["ports"] = [{"name": K8S_PORT_NAME, "containerPort": c.rdzv_port}]
     resources = {"nvidia.com/gpu": c.gpus_per_node} if c.gpus_per_node else {}
     resources.update({k: str(c[k]) for k in ("cpu", "memory") if c[k] is not None})
@@ -371,7 +466,8 @@ def _k8s_container(job: Job) -> dict:
 
 def _k8s_pod(job: Job) -> dict:
     c = job.cluster
-    pod: dict = {"containers": [_k8s_container(job)]}
+    pod: dict = {"serviceAccountName": c.service_account} if c.service_account else {}
+    pod["containers"] = [_k8s_container(job)]
     volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": c.shm_size}}] if c.shm_size else []
     volumes += [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": c.claim}}] if c.claim else []
     if volumes:
@@ -429,6 +525,7 @@ def make_job(overrides: Sequence[str], config_dir: str | os.PathLike = CONFIG_DI
     nnodes = _positive_int(cfg, "world.nnodes")
     nproc = _positive_int(cfg, "world.nproc_per_node")
     _check_complete(cfg, Path(config_dir))
+    _check_locations(cfg)
     if not 1 <= cfg.cluster.rdzv_port <= 65535:
         raise JobConfigError(f"cluster.rdzv_port={cfg.cluster.rdzv_port} is not a TCP port (1..65535)")
     return Job(cfg, cfg.cluster, nnodes, nproc, passthrough(overrides), list(overrides))

@@ -4,6 +4,11 @@
     torchrun --standalone --nproc-per-node=1 -m launcher.load +model=llama source.path=$PWD/outputs/demo-llama \
         compare=random
     torchrun --nproc-per-node=4 -m launcher.load +model=llama3_8b parallel=fsdp_tp source.path=/ckpt/x dtype=float32
+    torchrun --nproc-per-node=8 -m launcher.load +model=llama source.path=s3://my-bucket/ckpt/step-1000 \
+        source.thread_count=16
+
+``source.path`` is a directory or an object-store prefix ``s3://bucket/prefix`` (read with ranged GETs of
+each rank's bytes only; credentials and endpoint from the standard AWS environment, :mod:`launcher.locations`).
 
 Each rank builds empty DTensor shards for the model's parameters (``model`` + ``parallel``), checks the
 checkpoint's names and shapes against the model (one error lists every missing, unexpected or misshapen

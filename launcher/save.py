@@ -7,13 +7,17 @@
         output.dir=/ckpt/rand output.max_shard_size=2GB output.dtype=bfloat16
     torchrun --nproc-per-node=8 -m launcher.save +model=llama3_8b source=dcp source.path=/runs/titan/step-1000 \
         output.dir=/ckpt/hf
+    torchrun --nproc-per-node=8 -m launcher.save +model=llama output.dir=s3://my-bucket/ckpt/step-1000
     python -m launcher.save +model=tiny output.dir=/tmp/tiny          # one process, no torchrun
 
 Steps: compose the config (Hydra; ``configs/save.yaml``) -> check the world against torchrun's
 environment -> choose the device (NVML/CUDA or CPU) -> init the process group (NCCL on GPU, gloo on CPU)
 -> build the sharded state from ``source`` (random | dcp | hf) -> ``hf_storage.save`` with ``config.json``
 -> rank 0 prints the summary. The run directory (``outputs/save/<torchrun run id>``, or ``$LAUNCHER_RUN_DIR``)
-is the same on every rank; only rank 0 writes ``.hydra/`` and ``save.log`` there.
+is the same on every rank; only rank 0 writes ``.hydra/`` and ``save.log`` there. It is local also when
+``output.dir`` is an object-store URI (``s3://bucket/prefix``; ``source.path`` of ``source=hf`` may be one
+too): the URI is checked before the process group starts and handed to ``hf_storage`` as a string, and
+the credentials and endpoint come from the standard AWS environment (:mod:`launcher.locations`).
 
 An error the user can fix (``output.dir`` already holds a checkpoint, a missing ``source.path``, a world-size
 mismatch, a bad value) ends the app with one line per failing rank and exit status 1, no traceback;
@@ -24,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -98,7 +101,7 @@ def run(cfg) -> SaveReport:
     """The whole save on this rank; returns the report (with every rank's peaks on rank 0)."""
     session.check_config(cfg, session.GROUPS + ("output",))
     session.check_source(cfg)
-    out = os.path.abspath(session.require(cfg, "output.dir", "/path/to/checkpoint"))
+    out = session.require_location(cfg, "output.dir")  # an s3:// URI stays a string
     dtype = output_dtype(cfg)
     specs = param_specs(cfg.model)
     with session.start(cfg, specs, dtype.itemsize) as s:

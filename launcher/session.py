@@ -30,8 +30,8 @@ import hf_storage
 from hf_storage.collectives import Group
 from hf_storage.verify import human_size
 
-from . import placement
-from .config import SourceKind, env_rank
+from . import locations, placement
+from .config import ConfigError, SourceKind, env_rank  # ConfigError: launcher.session.ConfigError as before
 from .dist import (
     Parallel,
     WorldError,
@@ -49,10 +49,6 @@ from .titan import UnknownKeyError
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A required config value is missing or unusable; the message gives the override that fixes it."""
 
 
 def options_of(group: str) -> list[str]:
@@ -92,9 +88,18 @@ def require(cfg, key: str, example: str) -> str:
     return str(parent[leaf])
 
 
+def require_location(cfg, key: str) -> str:
+    """The checkpoint the dotted ``key`` names: an ``s3://bucket/prefix`` URI (checked, kept a string) or an
+    absolute local path (:func:`launcher.locations.resolve`); a clear error if it is unset or malformed."""
+    return locations.resolve(key, require(cfg, key, "/path/to/checkpoint"))
+
+
 def require_dir(cfg, key: str, what: str) -> str:
-    """The absolute directory the dotted ``key`` names; a clear error if it is unset or not a directory."""
-    path = os.path.abspath(require(cfg, key, "/path/to/checkpoint"))
+    """The checkpoint the dotted ``key`` names, to read: an ``s3://`` URI (its form checked; what it holds is
+    checked when it is opened, with a one-line error too) or the absolute path of an existing directory."""
+    path = require_location(cfg, key)
+    if locations.is_uri(path):
+        return path
     if not os.path.isdir(path):
         raise ConfigError(f"{key}={path} does not exist or is not a directory: pass {key}=DIR of {what}")
     return path
@@ -107,11 +112,17 @@ CHECKPOINT_KINDS = {
 
 
 def check_source(cfg) -> str | None:
-    """The absolute ``source.path`` of a dcp / hf source, checked before any process group; None for random."""
+    """The ``source.path`` of a dcp / hf source (absolute, or an hf source's ``s3://`` URI), checked before any
+    process group; None for random."""
     kind = SourceKind(cfg.source.kind)
     if kind is SourceKind.random:
         return None
     path = require_dir(cfg, "source.path", CHECKPOINT_KINDS[kind])
+    if kind is SourceKind.dcp and locations.is_uri(path):
+        raise ConfigError(
+            f"source.path={path} is an object-store URI, but source=dcp reads a local directory: pass "
+            f"source.path=DIR of {CHECKPOINT_KINDS[kind]} (s3:// works for source=hf and output.dir)"
+        )
     if kind is SourceKind.dcp and not os.path.isfile(os.path.join(path, ".metadata")):
         raise ConfigError(
             f"source.path={path} holds no .metadata file, so it is not a DCP checkpoint: pass "

@@ -5,6 +5,11 @@
         output.dir=/ckpt/hf
     torchrun --nproc-per-node=8 -m launcher.save +model=llama3_8b source=hf source.path=/ckpt/hf output.dir=/ckpt/fp32 \
         output.dtype=float32 output.max_shard_size=2GB
+    torchrun --nproc-per-node=8 -m launcher.save +model=llama3_8b source=hf source.path=s3://my-bucket/hf \
+        output.dir=s3://my-bucket/fp32 output.dtype=float32
+
+``hf`` reads a directory or an ``s3://bucket/prefix`` (a string all the way to ``hf_storage``); ``dcp`` reads a
+local directory only.
 
 Every source returns ``{HF name: DTensor}`` in the layout's placements; each rank materialises only its
 own shard.

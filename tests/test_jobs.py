@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hydra.errors import HydraException
 
 from launcher import jobs
 
@@ -232,6 +233,83 @@ def test_k8s_escapes_dollar_for_kubernetes_expansion():
     c = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     assert c["command"][-1] == 'output.dir="/ckpt/$$(whoami)"'  # Kubernetes turns $$ back into $
     assert "resources" not in c and "volumeMounts" not in c
+
+
+S3_OUT = "output.dir=s3://ckpt-bucket/llama3-70b/step-1000"
+
+
+def k8s_pod(*overrides: str) -> dict:
+    return yaml.safe_load(render("cluster=k8s", *BASE[:3], "cluster.image=reg/hf:1", *overrides))["spec"][
+        "pytorchReplicaSpecs"
+    ]["Worker"]["template"]["spec"]
+
+
+def test_k8s_s3_storage_passes_the_aws_env_and_mounts_no_checkpoint_volume():
+    pod = k8s_pod(
+        S3_OUT,
+        "cluster.storage=s3",
+        "cluster.s3.endpoint_url=https://minio.example.com:9000",
+        "cluster.s3.region=eu-west-1",
+        "cluster.s3.secret=aws-credentials",
+        "cluster.service_account=ckpt-writer",
+        "+cluster.env.NCCL_DEBUG=WARN",
+    )
+    (c,) = pod["containers"]
+    assert c["command"][-4:] == [*BASE[:3], S3_OUT]  # the URI reaches launcher.save as given; no cluster.* override
+    assert c["env"] == [
+        {"name": "AWS_ENDPOINT_URL", "value": "https://minio.example.com:9000"},
+        {"name": "AWS_REGION", "value": "eu-west-1"},
+        {"name": "NCCL_DEBUG", "value": "WARN"},
+    ]
+    assert c["envFrom"] == [{"secretRef": {"name": "aws-credentials"}}]
+    assert pod["serviceAccountName"] == "ckpt-writer"
+    assert c["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]  # no checkpoint PVC
+    assert [v["name"] for v in pod["volumes"]] == ["dshm"]
+    assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
+
+
+def test_k8s_s3_with_a_pod_role_only_renders_no_credentials():
+    """IRSA / EKS Pod Identity: the role of the service account gives the credentials; nothing else is added."""
+    pod = k8s_pod(S3_OUT, "cluster.storage=s3", "cluster.service_account=ckpt-writer", "cluster.shm_size=null")
+    (c,) = pod["containers"]
+    assert pod["serviceAccountName"] == "ckpt-writer"
+    assert "env" not in c and "envFrom" not in c and "volumeMounts" not in c and "volumes" not in pod
+    assert c["command"][-1] == S3_OUT
+
+
+def test_s3_output_passes_through_slurm_unchanged(tmp_path, fake_bin):
+    script = tmp_path / "job.sbatch"
+    script.write_text(render("cluster=slurm", *BASE[:3], S3_OUT))
+    argv = run_script(
+        script, fake_bin, tmp_path / "log", SLURM_NNODES="4", SLURM_JOB_ID="9", SLURM_JOB_NODELIST="node-[a-d]"
+    )
+    assert argv["torchrun"][-1] == S3_OUT
+
+
+K8S = ["cluster=k8s", "cluster.image=i"]
+S3_BAD = [
+    ([*K8S, "cluster.storage=s3"], "cluster.storage=s3 writes to an object store, but output.dir='/x'"),
+    ([*K8S, "output.dir=s3://b/x"], "output.dir='s3://b/x' is an object-store URI, but cluster.storage=pvc"),
+    ([*K8S, "cluster.storage=s3", "output.dir=s3://b/x", "cluster.claim=c"], "cluster.claim='c' is a checkpoint vol"),
+    ([*K8S, "cluster.storage=s3", "output.dir=s3://b/x", "cluster.s3.secret=AWS_keys"], "cluster.s3.secret='AWS_k"),
+    ([*K8S, "cluster.storage=s3", "output.dir=s3://b/x", "cluster.s3.endpoint_url=minio:9000"], "not an http(s) URL"),
+    ([*K8S, "cluster.service_account=Writer"], "cluster.service_account='Writer' is not a Kubernetes object name"),
+    (["output.dir=s3://"], "output.dir='s3://' is not a valid object-store URI: pass output.dir=s3://BUCKET/PREFIX"),
+    ([*K8S, "cluster.storage=s3", "output.dir=s3:/b/x"], "output.dir='s3:/b/x' has lost a slash"),
+    (["source=hf", "source.path=gs://b/x"], "source.path='gs://b/x': gs:// is not supported"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", S3_BAD)
+def test_bad_object_store_values_are_named(overrides, message):
+    with pytest.raises(jobs.JobConfigError) as e:
+        jobs.render(["world.nnodes=2", f"+model={MODEL}", "output.dir=/x", *overrides])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_storage_is_named_at_composition():
+    with pytest.raises(HydraException, match="cluster.storage"):
+        jobs.render(["world.nnodes=2", f"+model={MODEL}", "output.dir=/x", *K8S, "cluster.storage=gcs"])
 
 
 # ----------------------------------------------------------------------------------------------------- local
