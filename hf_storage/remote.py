@@ -21,6 +21,7 @@ of the prefix finds with ``ListMultipartUploads`` and aborts, once it holds the 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -61,14 +62,23 @@ class Piece:
     itemsize: int
     box: Box
 
+    @functools.cached_property
+    def _where(self) -> tuple[np.ndarray, int, int, int]:
+        starts, length = _runs(self.box, self.shape)
+        starts, run = self.base + starts * self.itemsize, length * self.itemsize
+        lo, hi = (int(starts[0]), int(starts[-1]) + run) if len(starts) and run else (self.base, self.base)
+        return starts, run, lo, hi
+
     def runs(self) -> tuple[np.ndarray, int]:
         """Absolute file offsets of the chunk's runs, and their length, in bytes."""
-        starts, length = _runs(self.box, self.shape)
-        return self.base + starts * self.itemsize, length * self.itemsize
+        return self._where[0], self._where[1]
 
     def span(self) -> tuple[int, int]:
-        starts, run = self.runs()
-        return (int(starts[0]), int(starts[-1]) + run) if len(starts) and run else (self.base, self.base)
+        """The first byte of the chunk in its file, and one past its last."""
+        return self._where[2], self._where[3]
+
+    def __getstate__(self) -> dict:  # the cached arrays stay home
+        return {k: v for k, v in self.__dict__.items() if k != "_where"}
 
 
 _RUNS: dict[tuple, tuple[np.ndarray, int]] = {}
@@ -470,8 +480,8 @@ def write(
     me = g.rank
     tally = _tally(parts.pieces[me], data, checksums)
     largest = max((f.part for f in parts.files), default=1)
-    per_round = max(1, budget // largest)
-    up = Uploader(loc, ids, threads, max(2, threads))
+    per_round = max(1, budget // (2 * largest))  # the parts it owns in a round, and what it sends: ~budget
+    up = Uploader(loc, ids, threads, max(2, threads))  # plus a part per upload thread in flight
     errors = FirstError()
     try:
         for keys in parts.rounds(per_round):

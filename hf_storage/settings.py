@@ -6,6 +6,11 @@ test or a launcher may set it before a save).
 ``HF_STORAGE_ROW_ASSEMBLY`` ``1``    ``0``: column shards are written by their own ranks, row by row
 ``HF_STORAGE_NODE``        (unset)   the node name row assembly groups ranks by (default: host name and
                                      kernel PID namespace); tests set it to simulate several nodes
+``HF_STORAGE_PART_SIZE``   16 MiB    object stores: bytes per multipart-upload part (>= 5 MiB; grown so
+                                     that no file needs more than 10,000 parts)
+``HF_STORAGE_S3_ATTEMPTS`` ``10``    object stores: attempts per request, retries with backoff included
+``HF_STORAGE_S3_LEASE``    ``60``    object stores: seconds a save's lock outlives its last renewal (a
+                                     SIGKILLed save blocks the next save of its prefix this long at most)
 =========================  ========  ==================================================================
 """
 
@@ -36,9 +41,9 @@ def s3_attempts() -> int:
 
 
 def part_size() -> int:
-    """``HF_STORAGE_PART_SIZE``: bytes per multipart-upload part (default 32 MiB; at least 5 MiB, the stores'
+    """``HF_STORAGE_PART_SIZE``: bytes per multipart-upload part (default 16 MiB; at least 5 MiB, the stores'
     minimum)."""
-    value = int(os.environ.get("HF_STORAGE_PART_SIZE", str(32 * 2**20)))
+    value = int(os.environ.get("HF_STORAGE_PART_SIZE", str(16 * 2**20)))
     if value < 5 * 2**20:
         raise ValueError(f"HF_STORAGE_PART_SIZE={value} is below the object stores' 5 MiB minimum part size")
     return value

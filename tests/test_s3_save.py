@@ -102,6 +102,30 @@ def _full_state() -> dict[str, torch.Tensor]:
     }
 
 
+def _async(rank: int, world: int, uri: str, local: str) -> float:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = _full_state()
+    sd = {k: distribute_tensor(v, mesh, [Shard(1)] if v.dim() > 1 else [Replicate()]) for k, v in full.items()}
+    pending = hf_storage.async_save(sd, uri, max_shard_size="7MB")
+    for v in sd.values():  # training goes on: the staged copy, not the live tensors, is what gets saved
+        v.to_local().add_(1)
+    done = pending.result()
+    fresh = _full_state()  # a replicated DTensor shares its input's memory: the +1 reached ``full``
+    again = {k: distribute_tensor(v, mesh, [Shard(1)] if v.dim() > 1 else [Replicate()]) for k, v in fresh.items()}
+    hf_storage.save(again, local, max_shard_size="7MB")
+    return done.stall_seconds
+
+
+def test_async_save_to_the_store_equals_the_local_save(s3_bucket, tmp_path):
+    uri = f"{s3_bucket}/async"
+    stalls = run_ranks(_async, 2, uri, str(tmp_path / "ck"))
+    assert all(s > 0 for s in stalls)
+    assert objects(uri) == local_files(str(tmp_path / "ck"))
+
+
 def test_transformers_loads_the_downloaded_checkpoint(s3_bucket, tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
