@@ -396,7 +396,7 @@ def test_main_prints_or_writes_and_reports_errors(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------- examples
 
-EXAMPLES = ["examples/slurm_save.sbatch", "examples/k8s_pytorchjob.yaml"]
+EXAMPLES = ["examples/slurm_save.sbatch", "examples/k8s_pytorchjob.yaml", "examples/k8s_pytorchjob_s3.yaml"]
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
