@@ -1,10 +1,11 @@
-"""Command line: check or list a checkpoint directory.
+"""Command line: check or list a checkpoint directory (or an object-store prefix, ``s3://bucket/prefix``).
 
     python -m hf_storage verify DIR [--strict] [--no-checksums]
     python -m hf_storage inspect DIR [--json]
 
 (``hf-storage`` is the same as ``python -m hf_storage`` once the package is installed.)
-Exit status: 0 ok, 1 the checkpoint has problems (with ``--strict``: or warnings), 2 usage error.
+Exit status: 0 ok, 1 the checkpoint has problems (with ``--strict``: or warnings), 2 usage error (or the
+object store could not be asked: unreachable, throttling, no credentials).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import CheckpointFormatError
+from . import objstore
+from .errors import CheckpointFormatError, HFStorageError
 from .verify import Row, human_size, inspect, verify
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
@@ -26,11 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="{verify,inspect}")
     v = sub.add_parser("verify", help="check structure, spec conformance and checksums; exit 1 on any problem")
-    v.add_argument("dir", help="checkpoint directory")
+    v.add_argument("dir", help="checkpoint directory or s3://bucket/prefix")
     v.add_argument("--strict", action="store_true", help="also fail on warnings (spec-profile deviations)")
     v.add_argument("--no-checksums", action="store_true", help="skip reading tensor data (structure only)")
     i = sub.add_parser("inspect", help="list files, tensors, dtypes, shapes and sizes")
-    i.add_argument("dir", help="checkpoint directory")
+    i.add_argument("dir", help="checkpoint directory or s3://bucket/prefix")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -40,12 +42,20 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
         return e.code if isinstance(e.code, int) else EXIT_USAGE
-    if not Path(args.dir).is_dir():
+    if objstore.is_uri(args.dir):
+        try:
+            objstore.Location.parse(args.dir)
+        except HFStorageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    elif not Path(args.dir).is_dir():
         print(f"error: {args.dir!r} is not a directory; pass a checkpoint directory", file=sys.stderr)
         return EXIT_USAGE
-    if args.command == "verify":
-        return _verify(args)
-    return _inspect(args)
+    try:
+        return _verify(args) if args.command == "verify" else _inspect(args)
+    except objstore.ObjectStoreError as e:  # not the checkpoint's fault: the store could not be asked
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _verify(args) -> int:

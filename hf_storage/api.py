@@ -128,10 +128,11 @@ def load(
 
     Args:
         state_dict: the targets, in the layout you want (their shapes must match the checkpoint's).
-        path: the checkpoint directory.
+        path: the checkpoint directory, or an object-store prefix ``s3://bucket/prefix`` (read with ranged
+            GETs of only the bytes this rank needs, each pinned to the ETag the file had when opened).
         strict: every target must be in the checkpoint; with False, missing keys are skipped.
         allow_cast: convert stored dtypes to the targets'.
-        thread_count: I/O threads.
+        thread_count: I/O threads (for an object store: requests in flight; more helps, e.g. 16).
         budget: bytes of host buffer for CUDA / non-contiguous targets and casts.
 
     Returns:
@@ -140,6 +141,9 @@ def load(
     Raises:
         StateDictMismatchError: naming every missing key and every shape or dtype mismatch at once.
         CheckpointFormatError: a malformed or incomplete checkpoint.
+        ObjectStoreError: a request to the object store failed after its retries (its subclasses
+            ObjectChangedError, a file replaced while loading, ObjectStoreThrottledError and
+            ObjectStoreUnreachableError name the cause).
 
     Example::
 
@@ -151,7 +155,7 @@ def load(
         ckpt = open_checkpoint(path)
         targets = {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}
         check_targets(ckpt, targets, strict=strict, allow_cast=allow_cast)
-        n = read_requests(ckpt.directory, _requests(ckpt, tensors), thread_count=thread_count, budget=budget)
+        n = read_requests(ckpt, _requests(ckpt, tensors), thread_count=thread_count, budget=budget)
     return LoadSummary(os.fspath(path), sum(1 for k in tensors if k in ckpt.tensors), n, time.perf_counter() - start)
 
 

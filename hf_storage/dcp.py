@@ -32,12 +32,12 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import engine, pipeline, publish, row_assembly, shards
+from . import engine, objstore, pipeline, publish, row_assembly, shards
 from .box import Box
 from .collectives import timeout_of
 from .errors import HFStorageError, StateDictMismatchError, UnsupportedEntryError, format_keys
 from .layout import INDEX_NAME, Layout, TensorPlacement, TensorSpec
-from .reader import StoredChunk, open_checkpoint, read_requests, to_metadata
+from .reader import Checkpoint, StoredChunk, open_checkpoint, read_requests, to_metadata
 
 
 @dataclass(frozen=True)
@@ -315,8 +315,8 @@ class HuggingFaceStorageReader(StorageReader):
     save), reading only the byte ranges each rank's targets need.
 
     Args:
-        path: the checkpoint directory.
-        thread_count: I/O threads per rank.
+        path: the checkpoint directory, or an object-store prefix ``s3://bucket/prefix``.
+        thread_count: I/O threads per rank (for an object store: requests in flight).
         allow_cast: convert stored dtypes to the targets'; without it a mismatch raises.
         budget: bytes of host buffer for CUDA / non-contiguous targets and casts.
 
@@ -339,19 +339,22 @@ class HuggingFaceStorageReader(StorageReader):
         super().__init__()
         if thread_count < 1:
             raise ValueError(f"thread_count must be >= 1, got {thread_count}")
-        self.path, self.thread_count = Path(path), thread_count
+        self.path, self.thread_count = _reader_path(path), thread_count
         self.allow_cast = allow_cast
         self.budget = budget
         self.storage_data: dict[MetadataIndex, StoredChunk] = {}
         self.load_id: str | None = None
+        self._opened: Checkpoint | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
-            self.path = Path(checkpoint_id)
+            self.path = _reader_path(checkpoint_id)
         self.storage_data = {}
+        self._opened = None
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
-        md = to_metadata(open_checkpoint(self.path))
+        self._opened = open_checkpoint(self.path)
+        md = to_metadata(self._opened)
         md.storage_meta = StorageMeta(checkpoint_id=str(self.path), load_id=self.load_id)
         return md
 
@@ -384,7 +387,7 @@ class HuggingFaceStorageReader(StorageReader):
                 "or pass allow_cast=True"
             )
         read_requests(
-            self.path,
+            self._opened if self._opened is not None else self.path,  # opened: reads pinned to its ETags
             ((c, t, Box(tuple(it.storage_offsets), tuple(it.lengths))) for it, c, t in work),
             thread_count=self.thread_count,
             budget=self.budget,
@@ -397,5 +400,17 @@ class HuggingFaceStorageReader(StorageReader):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        """A local checkpoint directory, or any well-formed ``s3://`` URI (not looked up: no request is made)."""
+        if objstore.is_uri(checkpoint_id):
+            try:
+                objstore.Location.parse(str(checkpoint_id))
+            except HFStorageError:
+                return False
+            return True
         p = Path(checkpoint_id)
         return p.is_dir() and ((p / INDEX_NAME).is_file() or any(p.glob("*.safetensors")))
+
+
+def _reader_path(path: str | os.PathLike) -> Path | str:
+    """A local path as a ``Path``; an object-store URI as it is (``Path`` would fold its ``//``)."""
+    return os.fspath(path) if objstore.is_uri(path) else Path(path)

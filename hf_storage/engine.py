@@ -13,6 +13,10 @@ call per row, and no contention on the file's inode lock between ranks writing t
 Such blocks are read the same way, from read-only (private, never written) mappings on the I/O threads,
 with the next window's pages requested (``POSIX_FADV_WILLNEED``) while the current one is copied; the
 windows in flight together stay within ``budget``. ``HF_STORAGE_MMAP=0`` turns mappings off.
+
+Files in an object store are read by :class:`RangedReads`, one ranged request per piece: long runs straight
+into the target, column shards as spans of whole rows copied out with the same strided window
+(:func:`copy_out`) as the mapped reads, neighbouring small tensors merged into one request.
 """
 
 from __future__ import annotations
@@ -223,10 +227,22 @@ class Place(NamedTuple):
 
     def span(self, box: Box, itemsize: int) -> tuple[int, int, np.ndarray, int]:
         """``(first byte, end byte, run starts in bytes from base, run length in bytes)`` of ``box``."""
-        starts, length = box.runs(self.shape)
-        first = int(starts[0]) * itemsize if len(starts) else 0
-        end = (int(starts[-1]) + length) * itemsize if len(starts) else 0
-        return first, end, starts * itemsize, length * itemsize
+        return span(self.shape, box, itemsize)
+
+
+def span(shape: tuple[int, ...], box: Box, itemsize: int) -> tuple[int, int, np.ndarray, int]:
+    """``(first byte, end byte, run starts in bytes, run length in bytes)`` of ``box`` in a tensor of ``shape``
+    (bytes counted from the tensor's first byte)."""
+    starts, length = box.runs(shape)
+    first = int(starts[0]) * itemsize if len(starts) else 0
+    end = (int(starts[-1]) + length) * itemsize if len(starts) else 0
+    return first, end, starts * itemsize, length * itemsize
+
+
+def span_rows(shape: tuple[int, ...], itemsize: int, limit: int) -> int:
+    """Rows per block when a box is moved through windows of whole rows of its tensor (of ``shape``): as many
+    as fit in ``limit`` bytes, at least one."""
+    return max(1, limit // max(math.prod(shape[1:]) * itemsize, 1))
 
 
 class HostBuffer:
@@ -244,11 +260,20 @@ class HostBuffer:
         return self._buf[:nbytes].view(dtype).view(tuple(shape))
 
 
-def _window(m, shape, sizes, item: int, first: int, lo: int) -> torch.Tensor:
-    """The box's bytes inside a mapping ``m`` of the file from byte ``lo``: a strided uint8 view whose last
-    dimension is the element's bytes (no alignment needed); ``first`` is the box's first byte in the file."""
-    window = torch.frombuffer(m, dtype=torch.uint8)
-    return window.as_strided((*sizes, item), (*(st * item for st in strides(shape)), 1), first - lo)
+def _window(window: torch.Tensor, shape, sizes, item: int, first: int, lo: int) -> torch.Tensor:
+    """The box's bytes inside ``window`` (uint8: a mapping of the file, or a buffer of its bytes, from byte
+    ``lo``): a strided uint8 view whose last dimension is the element's bytes (no alignment needed); ``first``
+    is the box's first byte in the file."""
+    offset = window.storage_offset() + first - lo
+    return window.as_strided((*sizes, item), (*(st * item for st in strides(shape)), 1), offset)
+
+
+def copy_out(window: torch.Tensor, shape, host: torch.Tensor, box: Box, first: int, lo: int) -> None:
+    """Fill ``host`` (contiguous, stored dtype, shape ``box.sizes``) with one strided copy from ``window``
+    (uint8, the file's bytes from byte ``lo``; ``first``: the box's first byte in the file). Shared by the
+    mapped reads of local files and the span reads of objects."""
+    item = host.element_size()
+    host.reshape(-1).view(torch.uint8).view(*box.sizes, item).copy_(_window(window, shape, box.sizes, item, first, lo))
 
 
 def _mapped_copy(place: Place, block: torch.Tensor, box: Box, first: int, end: int) -> None:
@@ -256,9 +281,10 @@ def _mapped_copy(place: Place, block: torch.Tensor, box: Box, first: int, end: i
     item = block.element_size()
     lo = (place.base + first) // _PAGE * _PAGE
     with mmap.mmap(place.fd, place.base + end - lo, offset=lo) as m:
-        dst = _window(m, place.shape, box.sizes, item, place.base + first, lo)
+        window = torch.frombuffer(m, dtype=torch.uint8)
+        dst = _window(window, place.shape, box.sizes, item, place.base + first, lo)
         dst.copy_(block.reshape(-1).view(torch.uint8).view(*box.sizes, item))
-        del dst  # release the exported buffer before the mapping closes
+        del dst, window  # release the exported buffer before the mapping closes
 
 
 def _small_direct(t: torch.Tensor, nbytes: int) -> bool:
@@ -289,7 +315,7 @@ def write_box(
     use_map = mapped and len(starts) > 1 and run < SMALL_RUN
     step = _step(box.sizes, math.prod(box.sizes[1:]) * itemsize if box.sizes else itemsize, direct, buf.budget)
     if use_map:  # the mapped window spans whole global rows: bound it by the budget
-        step = min(step, max(1, buf.budget // max(math.prod(place.shape[1:]) * itemsize, 1)))
+        step = min(step, span_rows(place.shape, itemsize, buf.budget))
     single = not box.sizes or step >= box.sizes[0]  # one block: reuse the runs computed above
     for r0, n in _row_blocks(box.sizes, step):
         block = src if single else _block(src, r0, n)
@@ -330,16 +356,15 @@ def _write_one_run(pool: IOPool, place: Place, src: torch.Tensor, box: Box, crc:
 
 def _mapped_read(place: Place, host: torch.Tensor, box: Box, first: int, end: int) -> None:
     """Fill ``host`` (contiguous, stored dtype, shape ``box.sizes``) from its box spanning ``[first, end)``."""
-    item = host.element_size()
     lo = (place.base + first) // _PAGE * _PAGE
     hi = place.base + end
     if os.fstat(place.fd).st_size < hi:  # a mapping past the end would raise SIGBUS; the pread path names it
         raise CheckpointFormatError(f"unexpected end of file before byte {hi} (file truncated while reading?)")
     # private and writable only so torch accepts the buffer; nothing writes to it, so no page is copied
     with mmap.mmap(place.fd, hi - lo, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=lo) as m:
-        src = _window(m, place.shape, box.sizes, item, place.base + first, lo)
-        host.reshape(-1).view(torch.uint8).view(*box.sizes, item).copy_(src)
-        del src  # release the exported buffer before the mapping closes
+        window = torch.frombuffer(m, dtype=torch.uint8)
+        copy_out(window, place.shape, host, box, place.base + first, lo)
+        del window  # release the exported buffer before the mapping closes
 
 
 def _readahead(place: Place, box: Box, itemsize: int) -> None:
@@ -377,8 +402,7 @@ def read_box(
     use_map = mapped and len(starts) > 1 and run < SMALL_RUN
     step = _step(box.sizes, math.prod(box.sizes[1:]) * itemsize if box.sizes else itemsize, direct, buf.budget)
     if use_map:  # windows are mapped on every I/O thread at once: together they stay within the budget
-        window = buf.budget // pool.threads
-        step = min(step, max(1, window // max(math.prod(place.shape[1:]) * itemsize, 1)))
+        step = min(step, span_rows(place.shape, itemsize, buf.budget // pool.threads))
     for r0, n in _row_blocks(box.sizes, step):
         block = _block(dst, r0, n)
         host = block if direct else buf.view(stored_dtype, block.shape, pin=block.is_cuda)
@@ -394,3 +418,152 @@ def read_box(
             pool.drain()
             block.copy_(host)
     return nbytes
+
+
+# -- ranged reads (object stores) ------------------------------------------------------------------------------
+
+LONG_RUN = 2**20
+"""Ranged reads: a box whose runs are at least this long (row shards, whole tensors) is read run by run, in
+pieces of at most 32 MiB, straight into the target; a box of many shorter runs (a column shard) is read as the
+span of whole rows that covers it and copied out with one strided copy."""
+_GAP = 256 * 2**10  # ranged reads: small tensors of one file at most this far apart share one request...
+_MERGE = 8 * 2**20  # ... of at most this many bytes
+
+Fetch = Callable[[str, memoryview, int], None]
+
+
+class _Small(NamedTuple):
+    """A small single-run read, held back to be merged with its neighbours in the file."""
+
+    file: str
+    offset: int
+    nbytes: int
+    dst: torch.Tensor
+    dtype: torch.dtype
+
+
+def _fits(dst: torch.Tensor, stored_dtype: torch.dtype) -> bool:
+    """Bytes can land in ``dst``'s own memory: a contiguous CPU tensor of the stored dtype."""
+    return _is_direct(dst) and dst.dtype == stored_dtype
+
+
+class RangedReads:
+    """Reads boxes of files reached by ranged requests (objects in a store), not file descriptors. Each request
+    costs a round trip, so requests are few and large, and the pool's threads keep several in flight.
+
+    ``fetch(file, buffer, offset)`` fills ``buffer`` with the file's bytes from ``offset`` (one request). Every
+    thread has one scratch buffer of at most ``budget / threads`` bytes (but one row of the tensor at least).
+    Call :meth:`flush` after the last box, then drain the pool. Once a request fails, queued ones are skipped.
+    """
+
+    def __init__(self, pool: IOPool, fetch: Fetch, budget: int = DEFAULT_BUDGET):
+        self.pool, self.fetch = pool, fetch
+        self.window = max(1, budget // pool.threads)
+        self.failed = False
+        self._small: list[_Small] = []
+        self._local = threading.local()
+
+    def read_box(self, file: str, base: int, shape: tuple[int, ...], dst: torch.Tensor, stored_dtype, box: Box) -> int:
+        """Queue the reads that fill ``dst`` (shape ``box.sizes``) from the box of the tensor of ``shape`` stored
+        from byte ``base`` of ``file``, casting from ``stored_dtype`` if needed. Returns the box's bytes."""
+        itemsize = stored_dtype.itemsize
+        box.check(shape)
+        nbytes = box.nbytes(itemsize)
+        if box.empty:
+            return 0
+        start = box.single_run(shape)
+        if start is not None and nbytes < LONG_RUN:  # a small tensor: merged with its neighbours by flush()
+            self._small.append(_Small(file, base + start * itemsize, nbytes, dst, stored_dtype))
+            return nbytes
+        _, _, starts, run = span(shape, box, itemsize)
+        direct = _fits(dst, stored_dtype)
+        if len(starts) > 1 and run < LONG_RUN:  # a column shard: spans of whole rows, one strided copy each
+            step, fn = span_rows(shape, itemsize, self.window if direct else self.window // 2), self._span
+        elif direct:
+            self._into(file, as_bytes(dst), base, starts, run)
+            return nbytes
+        else:  # long runs through the scratch buffer (CUDA, non-contiguous, cast), blocks of whole box rows
+            step, fn = span_rows(box.sizes, itemsize, self.window) if box.sizes else 1, self._staged
+        for r0, n in _row_blocks(box.sizes, step):
+            self._submit(fn, file, base, shape, box.rows(r0, n), _block(dst, r0, n), stored_dtype)
+        return nbytes
+
+    def flush(self) -> None:
+        """Queue the small reads held back so far: neighbours in a file share one request."""
+        small, self._small = sorted(self._small, key=lambda s: (s.file, s.offset)), []
+        limit = min(_MERGE, self.window)
+        group: list[_Small] = []
+        end = 0
+        for s in small:
+            if group and (
+                s.file != group[0].file or s.offset > end + _GAP or s.offset + s.nbytes > group[0].offset + limit
+            ):
+                self._submit(self._merged, group)
+                group = []
+            end = max(end, s.offset + s.nbytes) if group else s.offset + s.nbytes
+            group.append(s)
+        if group:
+            self._submit(self._merged, group)
+
+    def _submit(self, fn, *args) -> None:
+        self.pool.call(self._guarded, fn, *args)
+
+    def _guarded(self, fn, *args) -> None:
+        if self.failed:  # another request failed: the load fails with its error, skip the rest
+            return
+        try:
+            fn(*args)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def _scratch(self, nbytes: int) -> torch.Tensor:
+        """This thread's scratch buffer, ``nbytes`` long (a view from its storage's first byte)."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < nbytes:
+            self._local.buf = None
+            buf = self._local.buf = torch.empty(max(nbytes, self.window), dtype=torch.uint8)
+        return buf[:nbytes]
+
+    def _into(self, file: str, mv: memoryview, base: int, starts: np.ndarray, run: int) -> None:
+        """Long runs straight into the target's memory ``mv``, in pieces of at most 32 MiB."""
+        for k, s in enumerate(starts.tolist()):
+            for i in range(0, run, _SPLIT):
+                self._submit(self.fetch, file, mv[k * run + i : k * run + min(i + _SPLIT, run)], base + s + i)
+
+    def _staged(self, file: str, base: int, shape, part: Box, block: torch.Tensor, stored_dtype) -> None:
+        """The runs of ``part`` back to back into the scratch buffer, then one copy (and cast) into ``block``."""
+        _, _, starts, run = span(shape, part, stored_dtype.itemsize)
+        buf = self._scratch(len(starts) * run)
+        mv = as_bytes(buf)
+        for k, s in enumerate(starts.tolist()):
+            self.fetch(file, mv[k * run : (k + 1) * run], base + s)
+        block.copy_(buf.view(stored_dtype).view(block.shape))
+
+    def _span(self, file: str, base: int, shape, part: Box, block: torch.Tensor, stored_dtype) -> None:
+        """The bytes spanning ``part`` (whole rows) in one request, then one strided copy into ``block`` (through
+        a host piece of the scratch buffer when ``block`` cannot take the bytes itself)."""
+        first, end, _, _ = span(shape, part, stored_dtype.itemsize)
+        direct = _fits(block, stored_dtype)
+        size = -(-(end - first) // 64) * 64  # the host piece after the span, aligned for any dtype
+        buf = self._scratch(size + (0 if direct else part.nbytes(stored_dtype.itemsize)))
+        self.fetch(file, as_bytes(buf[: end - first]), base + first)
+        host = block if direct else buf[size:].view(stored_dtype).view(block.shape)
+        copy_out(buf, shape, host, part, first, first)
+        if not direct:
+            block.copy_(host)
+
+    def _merged(self, group: list[_Small]) -> None:
+        """Neighbouring small tensors of one file: one request for their span, then a copy into each."""
+        lo, hi = group[0].offset, max(s.offset + s.nbytes for s in group)
+        if len(group) == 1 and _fits(group[0].dst, group[0].dtype):
+            self.fetch(group[0].file, as_bytes(group[0].dst), lo)
+            return
+        buf = self._scratch(hi - lo)
+        self.fetch(group[0].file, as_bytes(buf), lo)
+        for s in group:
+            piece = buf[s.offset - lo : s.offset - lo + s.nbytes]
+            if _fits(s.dst, s.dtype):
+                as_bytes(s.dst)[:] = as_bytes(piece)
+            else:  # a copy of its own: aligned for the dtype view
+                s.dst.copy_(piece.clone().view(s.dtype).view(s.dst.shape))

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -68,17 +69,22 @@ def encode(entries: list[tuple[str, str, tuple[int, ...], int, int]], metadata: 
 
 def read(fd: int, file_size: int, where: str = "") -> Header:
     """Read and validate the header of the open file ``fd`` of ``file_size`` bytes."""
-    label = where or f"fd {fd}"
+    return fetch(lambda offset, n: os.pread(fd, n, offset), file_size, where or f"fd {fd}")
+
+
+def fetch(read_at: Callable[[int, int], bytes], file_size: int, label: str) -> Header:
+    """Read and validate the header of a file of ``file_size`` bytes through ``read_at(offset, count)`` (a
+    ``pread``, or ranged reads of an object): the length prefix first, bounded, then the JSON."""
     if file_size < 8:
         raise CheckpointFormatError(f"{label}: {file_size} bytes is too short for a safetensors file (truncated?)")
-    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    (n,) = struct.unpack("<Q", read_at(0, 8))
     if n > MAX_HEADER_BYTES:
         raise CheckpointFormatError(f"{label}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
     if 8 + n > file_size:
         raise CheckpointFormatError(
             f"{label}: header length {n} runs past the end of the {file_size}-byte file (truncated?)"
         )
-    raw = os.pread(fd, n, 8)
+    raw = read_at(8, n)
     if len(raw) != n:
         raise CheckpointFormatError(f"{label}: short read of the header (file changed while reading?)")
     return decode(raw, file_size, label)

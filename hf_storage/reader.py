@@ -7,6 +7,11 @@ each carrying ``DCP_SHARDING_INFO``, are found by listing the directory. Each ra
 the byte runs its targets need, straight into the target tensor's memory when it is a contiguous CPU
 tensor of the stored dtype, through a bounded staging buffer otherwise.
 
+A checkpoint in an object store (``s3://bucket/prefix``) is read the same way through ranged GETs: the index
+and each file's size and ETag (HEAD) when it is opened, each header by ranged reads, then only the bytes each
+rank needs, every request pinned to the ETag seen at open (a file replaced meanwhile raises
+:class:`~hf_storage.objstore.ObjectChangedError`). See :class:`~hf_storage.engine.RangedReads`.
+
 A tensor this torch build cannot hold (a safetensors dtype it has no type for, such as ``F6_E2M3``) does not
 make the checkpoint unreadable: it is listed in :attr:`Checkpoint.blocked` instead of
 :attr:`Checkpoint.tensors`, and refused, by name, only when a load targets it.
@@ -18,7 +23,10 @@ import json
 import math
 import os
 import stat
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -33,7 +41,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from . import dtypes, engine, header
+from . import dtypes, engine, header, objstore
 from .box import Box
 from .errors import CheckpointFormatError, StateDictMismatchError, format_keys
 from .layout import INDEX_NAME, SINGLE_FILE_NAME
@@ -76,11 +84,17 @@ class BlockedTensor(NamedTuple):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    directory: Path
+    """An opened checkpoint. ``directory``: the local directory, or for an object store the URI (a ``str``),
+    with ``location`` its bucket and prefix and ``etags`` each file's ETag when it was opened (reads are
+    pinned to them)."""
+
+    directory: Path | str
     files: dict[str, header.Header]
     tensors: dict[str, TensorInfo]
     index: dict | None
     blocked: dict[str, BlockedTensor] = field(default_factory=dict)
+    location: objstore.Location | None = None
+    etags: dict[str, str] = field(default_factory=dict)
 
     def nbytes(self) -> int:
         """Bytes of tensor data, blocked tensors included. Cheap: shapes were validated against the file sizes."""
@@ -115,8 +129,13 @@ def _read_index(directory: Path) -> dict:
     size = path.stat().st_size
     if size > MAX_INDEX_BYTES:
         raise CheckpointFormatError(f"{path}: {size} bytes exceeds the {MAX_INDEX_BYTES}-byte limit for an index")
+    return _parse_index(path.read_bytes(), str(path))
+
+
+def _parse_index(raw: bytes, path: str) -> dict:
+    """The index from its bytes (untrusted): a JSON object whose ``weight_map`` maps names to file names."""
     try:
-        index = json.loads(path.read_bytes().decode("utf-8"))
+        index = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, integers past Python's digit limit
         raise CheckpointFormatError(f"{path}: not valid UTF-8 JSON ({e})") from None
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
@@ -182,33 +201,187 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         print(sorted(ckpt.tensors)[:3], ckpt.nbytes())
     """
     dtypes.check_host()
-    directory = Path(path)
-    if not directory.is_dir():
-        raise CheckpointFormatError(f"checkpoint directory {str(directory)!r} does not exist")
-    index = None
-    if (directory / INDEX_NAME).is_file():
-        index = _read_index(directory)
+    if not objstore.is_uri(path) and not Path(path).is_dir():
+        raise CheckpointFormatError(f"checkpoint directory {str(Path(path))!r} does not exist")
+    source = files_at(path)
+    index = source.index()
+    if index is not None:
         wanted: dict[str, list[str]] = {}
         for fqn, fname in index["weight_map"].items():
             wanted.setdefault(fname, []).append(fqn)
-    elif (directory / SINGLE_FILE_NAME).is_file():
+    elif source.lone():
         wanted = {SINGLE_FILE_NAME: []}
     else:
-        names = sorted(p.name for p in directory.glob("*.safetensors"))
+        names = source.names()
         if not names:
             raise CheckpointFormatError(
-                f"{str(directory)!r} holds no {INDEX_NAME}, no {SINGLE_FILE_NAME} and no *.safetensors files; "
+                f"{source.where!r} holds no {INDEX_NAME}, no {SINGLE_FILE_NAME} and no *.safetensors files; "
                 "is this a checkpoint directory? An interrupted save leaves no index."
             )
         wanted = {n: [] for n in names}
-    files = {name: _read_header(_confined(directory, name), name) for name in wanted}
+    files = source.headers_of(list(wanted))
     absent = [
         f"{fqn} (in {fname})" for fname, fqns in wanted.items() for fqn in fqns if fqn not in files[fname].entries
     ]
     if absent:
         raise CheckpointFormatError(f"the index names tensors their files do not hold: {format_keys(absent)}")
     listed = {fqn for fqns in wanted.values() for fqn in fqns} if index is not None else None
-    return Checkpoint(directory, files, _collect(files, listed), index, _blocked(files, listed))
+    tensors, blocked = _collect(files, listed), _blocked(files, listed)
+    return Checkpoint(source.root, files, tensors, index, blocked, source.location, dict(source.etags))
+
+
+# -- where the files are: a directory or a prefix in an object store --------------------------------------------
+
+
+def files_at(path: str | os.PathLike) -> Directory | Objects:
+    """The files of the checkpoint at ``path``: a local directory, or objects under an ``s3://`` prefix."""
+    if objstore.is_uri(path):
+        return Objects(objstore.Location.parse(os.fspath(path)))
+    return Directory(Path(path))
+
+
+class Directory:
+    """A checkpoint's files in a local directory (names confined to it, see :func:`_confined`)."""
+
+    location: objstore.Location | None = None
+
+    def __init__(self, directory: Path):
+        self.root = self.directory = directory
+        self.where = str(directory)
+        self.etags: dict[str, str] = {}
+
+    def index(self) -> dict | None:
+        """The validated index, or None when there is none."""
+        return _read_index(self.directory) if (self.directory / INDEX_NAME).is_file() else None
+
+    def lone(self) -> bool:
+        return (self.directory / SINGLE_FILE_NAME).is_file()
+
+    def names(self) -> list[str]:
+        """The ``*.safetensors`` files, sorted."""
+        return sorted(p.name for p in self.directory.glob("*.safetensors"))
+
+    def header_of(self, name: str) -> header.Header:
+        return _read_header(_confined(self.directory, name), name)
+
+    def headers_of(self, names: list[str]) -> dict[str, header.Header]:
+        return {name: self.header_of(name) for name in names}
+
+    def json_start(self, name: str) -> bytes:
+        """The first byte of the header JSON (the spec wants ``{``)."""
+        with open(_confined(self.directory, name), "rb") as f:
+            f.seek(8)
+            return f.read(1)
+
+    @contextmanager
+    def opened(self, name: str) -> Iterator[Callable[[memoryview, int], int]]:
+        """``read_at(buffer, offset) -> bytes read`` (0 at the end) of file ``name``."""
+        fd = os.open(_confined(self.directory, name), os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            yield lambda buf, offset: os.preadv(fd, [buf], offset)
+        finally:
+            os.close(fd)
+
+
+_HEAD_BYTES = 256 * 2**10  # the first request for an object's header reads this much: usually all of it
+_HEAD_THREADS = 16  # headers of this many objects are requested at once
+
+
+class Objects:
+    """A checkpoint's files as objects under a prefix of a bucket. Opening one HEADs it: its size bounds the
+    header checks, its ETag pins every later read of it (:attr:`etags`)."""
+
+    def __init__(self, location: objstore.Location):
+        self.location = location
+        self.root = self.where = location.uri
+        self.etags: dict[str, str] = {}
+        self._leads: dict[str, bytes] = {}
+        self._listing: list[str] | None = None
+
+    def index(self) -> dict | None:
+        raw = objstore.get_bytes(self.location, INDEX_NAME, MAX_INDEX_BYTES)
+        return None if raw is None else _parse_index(raw, f"{self.where}/{INDEX_NAME}")
+
+    def lone(self) -> bool:
+        return SINGLE_FILE_NAME in self.names()
+
+    def names(self) -> list[str]:
+        if self._listing is None:
+            self._listing = sorted(n for n in objstore.listing(self.location) if n.endswith(".safetensors"))
+        return self._listing
+
+    def header_of(self, name: str) -> header.Header:
+        h, self.etags[name], self._leads[name] = self._header(name)
+        return h
+
+    def headers_of(self, names: list[str]) -> dict[str, header.Header]:
+        """Every file's header, requested on several threads at once; the first failure in name order raises."""
+        if len(names) < 2:
+            return {name: self.header_of(name) for name in names}
+        with ThreadPoolExecutor(min(_HEAD_THREADS, len(names)), thread_name_prefix="hf_storage-head") as ex:
+            futures = [ex.submit(self._header, name) for name in names]
+        out = {}
+        for name, fut in zip(names, futures):
+            out[name], self.etags[name], self._leads[name] = fut.result()
+        return out
+
+    def _header(self, name: str) -> tuple[header.Header, str, bytes]:
+        """``(header, ETag, first byte of the JSON)`` of object ``name``."""
+        info = objstore.head(self.location, _plain(name))
+        if info is None:
+            raise CheckpointFormatError(f"checkpoint file {name!r} is missing from {self.where}")
+        first = _ObjectStart(self.location, name, info["etag"], info["size"])
+        return header.fetch(first.read_at, info["size"], f"{self.where}/{name}"), info["etag"], first.lead
+
+    def json_start(self, name: str) -> bytes:
+        return self._leads[name]
+
+    @contextmanager
+    def opened(self, name: str) -> Iterator[Callable[[memoryview, int], int]]:
+        """``read_at(buffer, offset) -> bytes read`` of object ``name``, pinned to its ETag at open."""
+        etag = self.etags[name]
+
+        def read_at(buf: memoryview, offset: int) -> int:
+            objstore.read_into(self.location, name, etag, buf, offset)
+            return len(buf)
+
+        yield read_at
+
+
+class _ObjectStart:
+    """Ranged reads of the start of an object: the first request fetches up to 256 KiB, which serves the length
+    prefix and usually the whole header; the rest, if any, takes one more."""
+
+    def __init__(self, location: objstore.Location, name: str, etag: str, size: int):
+        self.location, self.name, self.etag, self.size = location, name, etag, size
+        self._start: bytes | None = None
+
+    def _get(self, offset: int, n: int) -> bytes:
+        buf = bytearray(n)
+        objstore.read_into(self.location, self.name, self.etag, memoryview(buf), offset)
+        return bytes(buf)
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        if self._start is None:
+            self._start = self._get(0, min(self.size, _HEAD_BYTES))
+        have = self._start[offset : offset + n]
+        return have if len(have) == n else have + self._get(offset + len(have), n - len(have))
+
+    @property
+    def lead(self) -> bytes:
+        return (self._start or b"")[8:9]
+
+
+def _plain(name: object) -> str:
+    """An object name from the index, refused unless it names an object under the checkpoint's prefix."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise CheckpointFormatError(f"index names an invalid file {name!r}")
+    parts = name.split("/")
+    if name.startswith("/") or ".." in parts or "\\" in name:
+        raise CheckpointFormatError(f"index names file {name!r} outside the checkpoint directory")
+    if "" in parts or "." in parts:
+        raise CheckpointFormatError(f"index names an invalid file {name!r} (an empty or '.' part of its path)")
+    return name
 
 
 def _listed_entries(files: dict[str, header.Header], listed: set[str] | None):
@@ -351,14 +524,26 @@ class _FileCache:
 
 
 def read_requests(
-    directory: Path,
+    source: Checkpoint | str | os.PathLike,
     requests: Iterable[tuple[StoredChunk, torch.Tensor, Box]],
     *,
     thread_count: int = 1,
     budget: int = engine.DEFAULT_BUDGET,
 ) -> int:
     """Fill each target from the box (offsets and sizes inside the stored piece) of a stored piece.
-    Returns bytes read."""
+    Returns bytes read.
+
+    ``source``: the opened :class:`Checkpoint` (an object store's reads are then pinned to the ETags seen when
+    it was opened), or its directory or ``s3://`` URI (objects are then pinned at their first read).
+    """
+    if isinstance(source, Checkpoint):
+        if source.location is not None:
+            return _read_objects(_Pins(source.location, source.etags), requests, thread_count, budget)
+        source = source.directory
+    if objstore.is_uri(source):
+        pins = _Pins(objstore.Location.parse(os.fspath(source)), {})
+        return _read_objects(pins, requests, thread_count, budget)
+    directory = Path(source)
     files = _FileCache(directory)
     buf = engine.HostBuffer(budget)
     total = 0
@@ -370,4 +555,43 @@ def read_requests(
                 total += engine.read_box(pool, buf, place, target, chunk.dtype, box, mapped)
     finally:
         files.close()
+    return total
+
+
+class _Pins:
+    """The ETag every object is read under: the one recorded when the checkpoint was opened, else the one a HEAD
+    finds at its first read. ``fetch`` is :class:`engine.RangedReads`' request."""
+
+    def __init__(self, location: objstore.Location, etags: dict[str, str]):
+        self.location, self.etags = location, dict(etags)
+        self._lock = threading.Lock()
+
+    def etag(self, name: str) -> str:
+        with self._lock:
+            if name not in self.etags:
+                info = objstore.head(self.location, _plain(name))
+                if info is None:
+                    raise CheckpointFormatError(f"checkpoint file {name!r} is missing from {self.location.uri}")
+                self.etags[name] = info["etag"]
+            return self.etags[name]
+
+    def fetch(self, name: str, buf: memoryview, offset: int) -> None:
+        objstore.read_into(self.location, name, self.etag(name), buf, offset)
+
+
+def _read_objects(
+    pins: _Pins, requests: Iterable[tuple[StoredChunk, torch.Tensor, Box]], thread_count: int, budget: int
+) -> int:
+    """:func:`read_requests` from an object store: ranged GETs on ``thread_count`` threads, at most ``budget``
+    bytes of scratch buffers in all."""
+    total = 0
+    with engine.IOPool(thread_count) as pool:
+        ranged = engine.RangedReads(pool, pins.fetch, budget)
+        try:
+            for chunk, target, box in requests:
+                total += ranged.read_box(chunk.file, chunk.begin, chunk.shape, target, chunk.dtype, box)
+            ranged.flush()
+        except BaseException:
+            ranged.failed = True  # skip what is queued; the pool's close re-raises a request's error first
+            raise
     return total

@@ -2,6 +2,11 @@
 
     python -m hf_storage verify /ckpt/step-1000      # exit 0: ok, 1: problems found, 2: usage error
     python -m hf_storage inspect /ckpt/step-1000 [--json]
+    python -m hf_storage verify s3://bucket/ckpt/step-1000
+
+An object-store prefix is checked the same way, through ranged reads (checksums in blocks of ``block_bytes``,
+each pinned to the ETag the object had when its header was read); what only a filesystem has (symbolic links,
+FIFOs) is not checked there.
 
 :func:`verify` runs the reader's own validation (index, file confinement, every header, assembly of stored
 pieces) file by file, so that one broken file does not hide the others, then adds what a loader does not
@@ -23,13 +28,13 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from . import checksum, dtypes, header, reader
+from . import checksum, dtypes, header, objstore, reader
 from .errors import CheckpointFormatError, format_keys
 from .layout import INDEX_NAME, SINGLE_FILE_NAME, natural_key
 
@@ -106,17 +111,20 @@ class Row(NamedTuple):
 
 
 def verify(path: str | os.PathLike, *, checksums: bool = True, block_bytes: int = BLOCK_BYTES) -> Report:
-    """Check the checkpoint at ``path`` and return a :class:`Report`; raises nothing for a bad checkpoint.
+    """Check the checkpoint at ``path`` (a directory or ``s3://bucket/prefix``) and return a :class:`Report`;
+    raises nothing for a bad checkpoint (an object store that cannot be asked raises its
+    :class:`~hf_storage.objstore.ObjectStoreError`).
 
     ``checksums=False`` skips the data pass (structure only: reads the index and headers, no tensor data).
     """
-    directory = Path(path)
-    rep = Report(str(directory))
-    if not directory.is_dir():
+    remote = objstore.is_uri(path)
+    rep = Report(os.fspath(path) if remote else str(Path(path)))
+    if not remote and not Path(path).is_dir():
         rep.problem("not a directory", fix="pass the checkpoint directory")
         return rep
-    index, wanted = _index(directory, rep)
-    headers = _headers(directory, wanted, rep)
+    source = reader.files_at(path)
+    index, wanted = _index(source, rep)
+    headers = _headers(source, wanted, rep)
     listed = {fqn for fqns in wanted.values() for fqn in fqns} if index is not None else None
     spans = _spans(_tensors(headers, listed, rep), _blocked(headers, listed, rep))
     rep.files, rep.tensors = len(headers), len(spans)
@@ -125,9 +133,9 @@ def verify(path: str | os.PathLike, *, checksums: bool = True, block_bytes: int 
         _check_total_size(index, rep)
     recorded = _recorded_checksums(index, spans, rep)
     if checksums and recorded:
-        _check_checksums(directory, spans, recorded, rep, block_bytes)
+        _check_checksums(source, spans, recorded, rep, block_bytes)
     if rep.ok:
-        _cross_check(directory, rep)
+        _cross_check(path, rep)
     return rep
 
 
@@ -163,31 +171,35 @@ def _caught(rep: Report, file: str | None, fix: str) -> Iterator[None]:
 
 
 def _strip_label(msg: str, file: str | None) -> str:
-    """Reader messages start with the file's full path; the finding names the file already."""
+    """Reader messages start with the file's full path (or URI); the finding names the file already."""
     head, sep, rest = msg.partition(": ")
-    return rest if sep and file and (head == file or head.endswith(os.sep + file)) else msg
+    named = file and (head == file or head.endswith(os.sep + file) or head.endswith("/" + file))
+    return rest if sep and named else msg
 
 
-def _index(directory: Path, rep: Report) -> tuple[dict | None, dict[str, list[str]]]:
+_FAILED = object()
+
+
+def _index(source: reader.Directory | reader.Objects, rep: Report) -> tuple[dict | None, dict[str, list[str]]]:
     """The index (None without one) and the files the checkpoint consists of, each with its listed FQNs."""
-    if (directory / INDEX_NAME).is_file():
-        index = None
-        with _caught(rep, INDEX_NAME, _FIX_INDEX):
-            index = reader._read_index(directory)
-        if index is None:
-            return None, {}
+    index: object = _FAILED
+    with _caught(rep, INDEX_NAME, _FIX_INDEX):
+        index = source.index()
+    if index is _FAILED:
+        return None, {}
+    if isinstance(index, dict):
         if not index["weight_map"]:
             rep.warn("the index lists no tensors", INDEX_NAME, fix=_FIX_INDEX)
         wanted: dict[str, list[str]] = {}
         for fqn, fname in index["weight_map"].items():
             wanted.setdefault(fname, []).append(fqn)
         _check_index_metadata(index, rep)
-        _warn_stray_files(directory, set(wanted), rep)
+        _warn_stray_files(source, set(wanted), rep)
         return index, wanted
     rep.warn(f"no {INDEX_NAME}, so no checksums to verify", fix="save with hf_storage to record checksums")
-    if (directory / SINGLE_FILE_NAME).is_file():
+    if source.lone():
         return None, {SINGLE_FILE_NAME: []}
-    names = sorted(p.name for p in directory.glob("*.safetensors"))
+    names = source.names()
     if not names:
         rep.problem(
             f"no {INDEX_NAME}, no {SINGLE_FILE_NAME} and no *.safetensors files; an interrupted save leaves no index",
@@ -203,8 +215,8 @@ def _check_index_metadata(index: dict, rep: Report) -> None:
         index["metadata"] = {}
 
 
-def _warn_stray_files(directory: Path, named: set[str], rep: Report) -> None:
-    stray = sorted(p.name for p in directory.glob("*.safetensors") if p.name not in named)
+def _warn_stray_files(source: reader.Directory | reader.Objects, named: set[str], rep: Report) -> None:
+    stray = [name for name in source.names() if name not in named]
     if stray:
         rep.warn(
             f"files the index does not name (loaders ignore them): {format_keys(stray)}",
@@ -213,20 +225,21 @@ def _warn_stray_files(directory: Path, named: set[str], rep: Report) -> None:
         )
 
 
-def _headers(directory: Path, wanted: dict[str, list[str]], rep: Report) -> dict[str, header.Header]:
+def _headers(
+    source: reader.Directory | reader.Objects, wanted: dict[str, list[str]], rep: Report
+) -> dict[str, header.Header]:
     """Each file's validated header (the reader's own checks), then what the index says it holds."""
     headers = {}
     for fname in sorted(wanted, key=_order):
         with _caught(rep, fname, _FIX_FILE):
-            path = reader._confined(directory, fname)
-            headers[fname] = reader._read_header(path, fname)
+            headers[fname] = source.header_of(fname)
         if fname in headers:
-            _check_conformance(path, fname, headers[fname], rep)
+            _check_conformance(source, fname, headers[fname], rep)
             _check_listed(fname, headers[fname], wanted[fname], rep)
     return headers
 
 
-def _check_conformance(path: Path, fname: str, h: header.Header, rep: Report) -> None:
+def _check_conformance(source: reader.Directory | reader.Objects, fname: str, h: header.Header, rep: Report) -> None:
     """What the safetensors spec recommends and this writer guarantees; warnings, see the module docstring."""
     n = h.data_start - 8
     if n % 8:
@@ -235,10 +248,8 @@ def _check_conformance(path: Path, fname: str, h: header.Header, rep: Report) ->
             fname,
             fix="re-save with hf_storage, which pads headers",
         )
-    with open(path, "rb") as f:
-        f.seek(8)
-        if f.read(1) != b"{":
-            rep.warn("header JSON does not start with '{' as the spec requires", fname, fix=_FIX_FILE)
+    if source.json_start(fname) != b"{":
+        rep.warn("header JSON does not start with '{' as the spec requires", fname, fix=_FIX_FILE)
     fmt = h.metadata.get("format")
     if fmt != "pt":
         what = "has no __metadata__.format" if fmt is None else f"has __metadata__.format {fmt!r}"
@@ -376,7 +387,11 @@ def _recorded_checksums(index: dict | None, tensors: dict[str, list], rep: Repor
 
 
 def _check_checksums(
-    directory: Path, spans: dict[str, list], recorded: dict[str, int], rep: Report, block_bytes: int
+    source: reader.Directory | reader.Objects,
+    spans: dict[str, list],
+    recorded: dict[str, int],
+    rep: Report,
+    block_bytes: int,
 ) -> None:
     """Recompute each recorded CRC-32, file by file in data order, through one reused buffer."""
     buf = memoryview(bytearray(max(1, block_bytes)))
@@ -389,29 +404,26 @@ def _check_checksums(
         fname, begin, nbytes = pieces[0]
         by_file.setdefault(fname, []).append((begin, nbytes, name))
     for fname in sorted(by_file, key=_order):
-        with _caught(rep, fname, _FIX_FILE):
-            fd = os.open(reader._confined(directory, fname), os.O_RDONLY | os.O_NONBLOCK)
-            try:
-                for begin, nbytes, name in sorted(by_file[fname]):
-                    got = _crc32(fd, begin, nbytes, buf)
-                    if got == recorded[name]:
-                        rep.checksummed += 1
-                    else:
-                        rep.problem(
-                            f"CRC-32 of its bytes [{begin}, {begin + nbytes}) is {got:08x}, the index "
-                            f"records {recorded[name]:08x}: the data is corrupted",
-                            fname,
-                            name,
-                            fix="restore this file from a good copy or re-save the checkpoint",
-                        )
-            finally:
-                os.close(fd)
+        with _caught(rep, fname, _FIX_FILE), source.opened(fname) as read_at:
+            for begin, nbytes, name in sorted(by_file[fname]):
+                got = _crc32(read_at, begin, nbytes, buf)
+                if got == recorded[name]:
+                    rep.checksummed += 1
+                else:
+                    rep.problem(
+                        f"CRC-32 of its bytes [{begin}, {begin + nbytes}) is {got:08x}, the index "
+                        f"records {recorded[name]:08x}: the data is corrupted",
+                        fname,
+                        name,
+                        fix="restore this file from a good copy or re-save the checkpoint",
+                    )
 
 
-def _crc32(fd: int, begin: int, nbytes: int, buf: memoryview) -> int:
+def _crc32(read_at: Callable[[memoryview, int], int], begin: int, nbytes: int, buf: memoryview) -> int:
+    """CRC-32 of bytes ``[begin, begin + nbytes)`` read through ``buf`` (``read_at(buffer, offset) -> count``)."""
     crc, pos, end = 0, begin, begin + nbytes
     while pos < end:
-        n = os.preadv(fd, [buf[: min(len(buf), end - pos)]], pos)
+        n = read_at(buf[: min(len(buf), end - pos)], pos)
         if n == 0:
             raise CheckpointFormatError(f"file ends at byte {pos}, inside tensor data (truncated while verifying?)")
         crc = checksum.crc32(buf[:n], crc)
@@ -419,10 +431,10 @@ def _crc32(fd: int, begin: int, nbytes: int, buf: memoryview) -> int:
     return crc
 
 
-def _cross_check(directory: Path, rep: Report) -> None:
+def _cross_check(path: str | os.PathLike, rep: Report) -> None:
     """Belt and braces: a checkpoint verify passes must also open with the reader itself."""
     with _caught(rep, None, "report this as an hf_storage bug: verify and the reader disagree"):
-        reader.open_checkpoint(directory)
+        reader.open_checkpoint(path)
 
 
 def human_size(n: int) -> str:
