@@ -324,9 +324,10 @@ def upload_part(loc: Location, name: str, upload_id: str, number: int, body) -> 
     return r["ETag"]
 
 
-def complete_upload(loc: Location, name: str, upload_id: str, etags: list[str]) -> None:
+def complete_upload(loc: Location, name: str, upload_id: str, etags: list[str]) -> str:
+    """Complete an upload from its parts' ETags; returns the object's ETag."""
     parts = [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags)]
-    call(
+    r = call(
         f"complete multipart upload of {loc.uri}/{name}",
         client().complete_multipart_upload,
         Bucket=loc.bucket,
@@ -334,6 +335,7 @@ def complete_upload(loc: Location, name: str, upload_id: str, etags: list[str]) 
         UploadId=upload_id,
         MultipartUpload={"Parts": parts},
     )
+    return r["ETag"]
 
 
 def abort_upload(loc: Location, key: str, upload_id: str) -> None:

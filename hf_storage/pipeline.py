@@ -726,7 +726,8 @@ def _agree_publish_remote(
             if failures:
                 raise SaveError(failure_message(failures), failures)
             index = index_of(job.layout, Tally().merge(row for r in reports for row in r.written))  # type: ignore[arg-type]
-            remote.complete(session, parts, (e for r in reports for e in r.etags))
+            files = remote.complete(session, parts, (e for r in reports for e in r.etags))
+            index["metadata"][remote.ETAGS_KEY] = files  # readers pin their reads to these objects
             remote.publish(session, index, opts.extra_files)
         except Exception as e:
             session.abort()

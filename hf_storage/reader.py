@@ -283,6 +283,7 @@ class Directory:
             os.close(fd)
 
 
+_ETAGS_KEY = "object_etags"  # index metadata written by saves to object stores (hf_storage.remote.ETAGS_KEY)
 _HEAD_BYTES = 256 * 2**10  # the first request for an object's header reads this much: usually all of it
 _HEAD_THREADS = 16  # headers of this many objects are requested at once
 
@@ -297,10 +298,16 @@ class Objects:
         self.etags: dict[str, str] = {}
         self._leads: dict[str, bytes] = {}
         self._listing: list[str] | None = None
+        self._written: dict[str, str] = {}  # the ETags the index was written with (saves to object stores)
 
     def index(self) -> dict | None:
         raw = objstore.get_bytes(self.location, INDEX_NAME, MAX_INDEX_BYTES)
-        return None if raw is None else _parse_index(raw, f"{self.where}/{INDEX_NAME}")
+        index = None if raw is None else _parse_index(raw, f"{self.where}/{INDEX_NAME}")
+        meta = index.get("metadata") if index is not None else None
+        pinned = meta.get(_ETAGS_KEY) if isinstance(meta, dict) else None
+        if isinstance(pinned, dict):
+            self._written = {k: v for k, v in pinned.items() if isinstance(k, str) and isinstance(v, str)}
+        return index
 
     def lone(self) -> bool:
         return SINGLE_FILE_NAME in self.names()
@@ -330,6 +337,11 @@ class Objects:
         info = objstore.head(self.location, _plain(name))
         if info is None:
             raise CheckpointFormatError(f"checkpoint file {name!r} is missing from {self.where}")
+        if self._written.get(name, info["etag"]) != info["etag"]:
+            raise objstore.ObjectChangedError(
+                f"{self.where}/{name} is not the object its index was written with (another save replaced the "
+                "checkpoint while it was being opened); open it again"
+            )
         first = _ObjectStart(self.location, name, info["etag"], info["size"])
         return header.fetch(first.read_at, info["size"], f"{self.where}/{name}"), info["etag"], first.lead
 

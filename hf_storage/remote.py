@@ -46,6 +46,8 @@ from .layout import INDEX_NAME, Layout
 
 log = logging.getLogger(__name__)
 
+ETAGS_KEY = "object_etags"  # index metadata: the ETag of every file, as the save completed it
+
 
 # -- the parts of the files and who holds what ------------------------------------------------------
 
@@ -614,7 +616,7 @@ def _nbytes(shape: tuple[int, ...], itemsize: int) -> int:
 # -- publish -----------------------------------------------------------------------------------------
 
 
-def complete(session: Session, parts: Parts, etags: Iterable[tuple[str, int, str]]) -> None:
+def complete(session: Session, parts: Parts, etags: Iterable[tuple[str, int, str]]) -> dict[str, str]:
     """Check every part of every file was uploaded exactly once, then commit: the old index first when
     overwriting (a reader then sees no checkpoint, never a mixed one), every upload completed, files of the
     old layout that the new one lacks deleted. The caller writes the extra files and the index after."""
@@ -631,14 +633,19 @@ def complete(session: Session, parts: Parts, etags: Iterable[tuple[str, int, str
     loc = session.loc
     if session.had_index:
         objstore.delete(loc, INDEX_NAME)
+    done = {}
     for fp in parts.files:
-        objstore.complete_upload(loc, fp.name, session.uploads[fp.name], [got[fp.name][i + 1] for i in range(fp.count)])
+        numbers = range(1, fp.count + 1)
+        done[fp.name] = objstore.complete_upload(
+            loc, fp.name, session.uploads[fp.name], [got[fp.name][i] for i in numbers]
+        )
     session.uploads = {}
     if session.had_index:
         names = {fp.name for fp in parts.files}
         for stale in objstore.listing(loc):
             if stale.endswith(".safetensors") and stale not in names:
                 objstore.delete(loc, stale)
+    return done
 
 
 def publish(session: Session, index: dict, extra: Mapping[str, bytes | str] | None) -> None:

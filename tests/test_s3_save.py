@@ -42,6 +42,18 @@ def local_files(path: str) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(Path(path).iterdir()) if p.is_file()}
 
 
+def unpinned(files: dict[str, bytes]) -> dict[str, bytes]:
+    """A checkpoint's files with the index's ``object_etags`` (which only saves to a store write) removed."""
+    index = json.loads(files[INDEX])
+    etags = index["metadata"].pop("object_etags", None)
+    if etags is not None:
+        assert sorted(etags) == sorted(n for n in files if n.endswith(".safetensors"))
+    return {**files, INDEX: json.dumps(index, indent=2).encode() + b"\n"}
+
+
+INDEX = "model.safetensors.index.json"
+
+
 def uploads_left(uri: str) -> list:
     return objstore.uploads(objstore.Location.parse(uri))
 
@@ -79,7 +91,7 @@ def test_round_trip_is_byte_identical_to_the_local_save(s3_bucket, tmp_path, wor
     assert names == (["rows", "cols"] if world == 2 else ["rows", "cols", "2d"])
     for name in names:
         want = local_files(str(tmp_path / name))
-        got = objects(f"{uri}/{name}")
+        got = unpinned(objects(f"{uri}/{name}"))
         assert sorted(got) == sorted(want)
         assert len([n for n in got if n.endswith(".safetensors")]) == 2  # two files, several parts each
         for n in want:
@@ -123,7 +135,7 @@ def test_async_save_to_the_store_equals_the_local_save(s3_bucket, tmp_path):
     uri = f"{s3_bucket}/async"
     stalls = run_ranks(_async, 2, uri, str(tmp_path / "ck"))
     assert all(s > 0 for s in stalls)
-    assert objects(uri) == local_files(str(tmp_path / "ck"))
+    assert unpinned(objects(uri)) == local_files(str(tmp_path / "ck"))
 
 
 def test_transformers_loads_the_downloaded_checkpoint(s3_bucket, tmp_path):
@@ -163,6 +175,18 @@ def test_overwrite_replaces_and_drops_stale_files_and_refusal_keeps_the_old(s3_b
     out = {k: torch.empty_like(v) for k, v in second.items()}
     hf_storage.load(out, uri)
     torch.testing.assert_close(out, second, rtol=0, atol=0)
+
+
+def test_the_index_pins_the_objects_it_was_written_with(s3_bucket):
+    uri = f"{s3_bucket}/pinned"
+    hf_storage.save({"x": torch.arange(8.0)}, uri)
+    loc = objstore.Location.parse(uri)
+    name = "model-00001-of-00001.safetensors"
+    c = s3_client()
+    data = c.get_object(Bucket=loc.bucket, Key=loc.key(name))["Body"].read()
+    c.put_object(Bucket=loc.bucket, Key=loc.key(name), Body=data[:-4] + b"\0\0\0\0")  # another save's file
+    with pytest.raises(objstore.ObjectChangedError, match="not the object its index was written with"):
+        hf_storage.open_checkpoint(uri)
 
 
 def test_a_live_lock_is_named_and_a_stale_one_is_taken_over(s3_bucket, monkeypatch):
