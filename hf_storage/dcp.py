@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,9 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import engine, objstore, pipeline, publish, row_assembly, shards
+from . import engine, objstore, pipeline, publish, remote, row_assembly, shards
 from .box import Box
-from .collectives import timeout_of
+from .collectives import Group, timeout_of
 from .errors import HFStorageError, StateDictMismatchError, UnsupportedEntryError, format_keys
 from .layout import INDEX_NAME, Layout, TensorPlacement, TensorSpec
 from .reader import Checkpoint, StoredChunk, open_checkpoint, read_requests, to_metadata
@@ -47,6 +48,23 @@ class _Assignment:
     prepared: pipeline.Prepared
     placed: dict[str, TensorPlacement]
     mates: dict[int, row_assembly.Seat]
+
+
+@dataclass(frozen=True)
+class _RemoteAssignment:
+    """What the coordinator sends each rank for a save to an object store: the upload ids, every rank's pieces
+    and the parts they make (the same on every rank), where its tensors go."""
+
+    ids: dict[str, str]
+    parts: remote.Parts
+    placed: dict[str, TensorPlacement]
+
+
+@dataclass(frozen=True)
+class _PartETags:
+    """Rides on a rank's first WriteResult to the coordinator: the parts it uploaded."""
+
+    etags: tuple[tuple[str, int, str], ...]
 
 
 class HuggingFaceStorageWriter(StorageWriter):
@@ -73,6 +91,12 @@ class HuggingFaceStorageWriter(StorageWriter):
         progress: called on the saving thread with counts of this rank's bytes as their writes complete.
         lock_wait: seconds to wait for another save of the same target to finish before failing.
 
+    Object stores: ``path`` may be ``s3://bucket/prefix`` (see :func:`hf_storage.save`). Parts that several
+    ranks hold are assembled over collectives inside ``write_data``, on ``process_group`` (keyword; default: the
+    default group). ``dcp.save`` calls ``write_data`` on every rank at once, so that is safe; for
+    ``dcp.async_save`` in thread mode pass the dedicated gloo group you give ``dcp.async_save`` (a background
+    thread must not share the training's group; without one this is refused by name).
+
     Raises (through DCP, on every rank): :class:`CheckpointExistsError`, :class:`CheckpointLockedError`,
     :class:`UnsupportedEntryError` (non-tensor entries, dtypes safetensors lacks), :class:`HFStorageError`.
 
@@ -93,7 +117,8 @@ class HuggingFaceStorageWriter(StorageWriter):
         **options: Any,
     ) -> None:
         super().__init__()
-        self.path = Path(path)
+        self.path = _where(path)
+        self.group = options.pop("process_group", None)
         self.save_distributed = save_distributed
         self.enable_consolidation = enable_consolidation
         self.thread_count_consolidation = thread_count_consolidation
@@ -104,13 +129,16 @@ class HuggingFaceStorageWriter(StorageWriter):
         self.layout: Layout | None = None
         self.index: dict | None = None
         self._staging: publish.Staging | None = None
+        self._remote: remote.Session | None = None
+        self._parts: remote.Parts | None = None
         self._desk: row_assembly.Desk | None = None
         self._cleanup = weakref.finalize(self, _abandon, self.__dict__)
 
     def __getstate__(self) -> dict:
         """What a background checkpoint process needs (``dcp.async_save`` in process mode): the options only."""
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_cleanup", "_staging", "_desk")}
-        return {**state, "_staging": None, "_desk": None}
+        skip = ("_cleanup", "_staging", "_desk", "_remote", "group")
+        state = {k: v for k, v in self.__dict__.items() if k not in skip}
+        return {**state, "_staging": None, "_desk": None, "_remote": None, "group": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -120,7 +148,7 @@ class HuggingFaceStorageWriter(StorageWriter):
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         _abandon(self.__dict__)  # a save that failed in another rank's write_data never reached finish()
         if checkpoint_id is not None:
-            self.path = Path(checkpoint_id)
+            self.path = _where(checkpoint_id)
         self.layout, self.index = None, None
 
     def set_up_storage_writer(self, is_coordinator: bool, *args, **kwargs) -> None:
@@ -136,7 +164,7 @@ class HuggingFaceStorageWriter(StorageWriter):
             )
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        if not row_assembly.node_name() or not any(True for _ in _column_items(plan)):
+        if isinstance(self.path, str) or not row_assembly.node_name() or not any(True for _ in _column_items(plan)):
             return plan
         self._desk = row_assembly.Desk(row_assembly.slot_size(self.options.budget))
         return dataclasses.replace(plan, storage_data=pipeline.Ready(self.rank, seat=self._desk.seat))
@@ -148,6 +176,8 @@ class HuggingFaceStorageWriter(StorageWriter):
             max_shard_size=self.options.max_shard_size,
             fqn_to_index_mapping=self.options.fqn_to_index_mapping,
         )
+        if isinstance(self.path, str):
+            return self._assign_remote(plans, self.layout, objstore.Location.parse(self.path))
         self._staging, mapped = pipeline.prepare(self.layout, self.path, self.options)
         prepared = pipeline.Prepared(str(self._staging.directory), mapped)
         nodes = _nodes(plans)
@@ -162,9 +192,70 @@ class HuggingFaceStorageWriter(StorageWriter):
             for r, p in enumerate(plans)
         ]
 
+    def _assign_remote(self, plans: list[SavePlan], layout: Layout, loc: objstore.Location) -> list[SavePlan]:
+        """Coordinator, object store: every rank's pieces from the plans, the parts, the lock and the uploads."""
+        placed = layout.tensors
+        pieces = [[_piece(it, placed[it.index.fqn]) for it in p.items] for p in plans]
+        parts = remote.Parts.plan(layout, pieces)
+        self._remote = remote.prepare(loc, layout, self.options.overwrite, self.options.lock_wait)
+        self._parts = parts
+        ids = dict(self._remote.uploads)
+        return [
+            dataclasses.replace(
+                p, storage_data=_RemoteAssignment(ids, parts, {it.index.fqn: placed[it.index.fqn] for it in p.items})
+            )
+            for p in plans
+        ]
+
+    def _write_remote(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        task: _RemoteAssignment = plan.storage_data
+        g = Group(self.group)
+        if self.group is None and g.size > 1 and threading.current_thread() is not threading.main_thread():
+            raise HFStorageError(
+                "HuggingFaceStorageWriter to an object store assembles shared parts with collectives; on a background "
+                "thread (dcp.async_save) they must not run on the training's default group: pass "
+                "process_group=<the dedicated gloo group you give dcp.async_save>; nothing was written"
+            )
+        data = [remote.bytes_of(_chunk(it, planner).data) for it in plan.items]
+        opts = self.options
+        loc = objstore.Location.parse(str(self.path))
+        rows, etags = remote.write(g, task.parts, data, task.ids, loc, opts.thread_count, opts.budget, opts.checksums)
+        results = _write_results(plan, pipeline.Tally().merge(rows))
+        extra = (_PartETags(tuple(etags)),)
+        if results:
+            results[0] = dataclasses.replace(results[0], storage_data=results[0].storage_data + extra)
+        else:
+            results = [WriteResult(index=MetadataIndex("__hf_storage_parts__"), size_in_bytes=0, storage_data=extra)]
+        fut: Future = Future()
+        fut.set_result(results)
+        return fut
+
+    def _finish_remote(self, results: list[list[WriteResult]]) -> None:
+        session, self._remote = self._remote, None
+        assert session is not None and self.layout is not None and self._parts is not None
+        try:
+            rows = [row for rank in results for w in rank for row in w.storage_data if not isinstance(row, _PartETags)]
+            etags = [
+                e
+                for rank in results
+                for w in rank
+                for x in w.storage_data
+                if isinstance(x, _PartETags)
+                for e in x.etags
+            ]
+            index = pipeline.index_of(self.layout, pipeline.Tally().merge(rows))
+            index["metadata"][remote.ETAGS_KEY] = remote.complete(session, self._parts, etags)
+            remote.publish(session, index, self.options.extra_files)
+        except BaseException:
+            session.abort()
+            raise
+        self.index = index
+
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        task: _Assignment = plan.storage_data
         refuse_inexact(plan.items, planner, "saved", lambda it: (it.index.fqn, it.tensor_data.chunk))
+        if isinstance(plan.storage_data, _RemoteAssignment):
+            return self._write_remote(plan, planner)
+        task: _Assignment = plan.storage_data
         chunks = [_chunk(it, planner) for it in plan.items]
         job = pipeline.Job(task.placed, chunks)
         desk, self._desk = self._desk, None
@@ -182,6 +273,8 @@ class HuggingFaceStorageWriter(StorageWriter):
         return fut
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        if isinstance(self.path, str):
+            return self._finish_remote(results)
         if self.layout is None or self._staging is None:
             raise HFStorageError("finish() called before prepare_global_plan() on the coordinator")
         staging, self._staging = self._staging, None
@@ -197,7 +290,21 @@ class HuggingFaceStorageWriter(StorageWriter):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return isinstance(checkpoint_id, (str, os.PathLike)) and "://" not in str(checkpoint_id)
+        text = os.fspath(checkpoint_id) if isinstance(checkpoint_id, (str, os.PathLike)) else None
+        return isinstance(text, str) and ("://" not in text or objstore.is_uri(text))
+
+
+def _where(path: str | os.PathLike) -> Path | str:
+    """A local path as a Path; an object-store URI kept as a string (checked now, before any collective)."""
+    if objstore.is_uri(os.fspath(path)):
+        return objstore.Location.parse(os.fspath(path)).uri
+    return Path(path)
+
+
+def _piece(item, placed: TensorPlacement) -> remote.Piece:
+    td = item.tensor_data
+    box = Box(tuple(td.chunk.offsets), tuple(td.chunk.sizes))
+    return remote.Piece(item.index.fqn, placed.file, placed.offset, tuple(td.size), td.properties.dtype.itemsize, box)
 
 
 def _chunk(item, planner: SavePlanner) -> pipeline.Chunk:
@@ -234,9 +341,12 @@ def refuse_inexact(items, planner, verb: str, where) -> None:
 
 
 def _abandon(state: dict) -> None:
-    """Release what a save that never reached ``finish()`` still holds: its staging and lock, its desk."""
-    staging, desk = state.get("_staging"), state.get("_desk")
-    state["_staging"], state["_desk"] = None, None
+    """Release what a save that never reached ``finish()`` still holds: its staging and lock, its desk, its
+    uploads and lease (object stores)."""
+    staging, desk, session = state.get("_staging"), state.get("_desk"), state.get("_remote")
+    state["_staging"], state["_desk"], state["_remote"] = None, None, None
+    if session is not None:
+        session.abort()
     if staging is not None:
         publish.abort(staging)
     if desk is not None:

@@ -138,6 +138,29 @@ def test_async_save_to_the_store_equals_the_local_save(s3_bucket, tmp_path):
     assert unpinned(objects(uri)) == local_files(str(tmp_path / "ck"))
 
 
+def _dcp(rank: int, world: int, uri: str, local: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    place = {"a": [Shard(0)], "b": [Shard(1)], "c": [Shard(2)], "d": [Replicate()]}
+    sd = {k: distribute_tensor(v, mesh, place[k]) for k, v in _full_state().items()}
+    dcp.save(sd, storage_writer=hf_storage.HuggingFaceStorageWriter(uri, max_shard_size="7MB"))
+    hf_storage.save(sd, local, max_shard_size="7MB")
+    back = {k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(0)]) for k, v in _full_state().items()}
+    dcp.load(back, storage_reader=hf_storage.HuggingFaceStorageReader(uri))
+    for k, v in _full_state().items():
+        assert torch.equal(back[k].full_tensor(), v), k
+
+
+def test_dcp_save_to_the_store_equals_the_local_save(s3_bucket, tmp_path):
+    uri = f"{s3_bucket}/dcp"
+    run_ranks(_dcp, 2, uri, str(tmp_path / "ck"))
+    assert unpinned(objects(uri)) == local_files(str(tmp_path / "ck"))
+    assert uploads_left(uri) == []
+
+
 def test_transformers_loads_the_downloaded_checkpoint(s3_bucket, tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
