@@ -73,18 +73,26 @@ class HostCopies:
         self.offsets: list[int] = []
         self.shared: SharedFlat | None = None
 
-    def stage(self, chunks: list[pipeline.Chunk], shared: bool = False) -> list[pipeline.Chunk]:
-        """Copy ``chunks`` into the host copies; ``shared``: another process must map them (once shared, the
-        copies stay shared, so alternating thread and process saves does not reallocate them)."""
+    def prepare(self, chunks: list[pipeline.Chunk], shared: bool = False) -> list[pipeline.Chunk]:
+        """The host copies of ``chunks`` (allocated when their shapes change), not yet filled; ``shared``:
+        another process must map them (once shared, the copies stay shared, so alternating thread and process
+        saves does not reallocate them)."""
         key = tuple((c.fqn, c.box, c.data.dtype, c.data.is_cuda) for c in chunks)
         if key != self.key or (shared and self.shared is None):
             self._allocate(chunks, shared)
             self.key = key
-        for buf, c in zip(self.buffers, chunks):
-            buf.copy_(c.data, non_blocking=c.data.is_cuda)
-        if any(c.data.is_cuda for c in chunks):
-            torch.cuda.synchronize()
         return [pipeline.Chunk(c.fqn, buf, c.shape, c.box) for buf, c in zip(self.buffers, chunks)]
+
+    def fill(self, chunks: list[pipeline.Chunk], gate: Gate | None = None) -> None:
+        """Copy ``chunks`` into their host copies, in order; ``gate`` learns each one as it is done (CUDA: all
+        at once, after the one synchronisation)."""
+        cuda = any(c.data.is_cuda for c in chunks)
+        for i, (buf, c) in enumerate(zip(self.buffers, chunks)):
+            buf.copy_(c.data, non_blocking=c.data.is_cuda)
+            if gate is not None and not cuda and i + 1 < len(chunks):
+                gate.open(i + 1)
+        if cuda:
+            torch.cuda.synchronize()
 
     def _allocate(self, chunks: list[pipeline.Chunk], shared: bool) -> None:
         self.buffers, self.flat = [], torch.empty(0, dtype=torch.uint8)  # the old copies go first
@@ -104,6 +112,45 @@ class HostCopies:
             self.shared = None
             self.flat = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=cuda)
         self.buffers = [view(self.flat, at, c.data.dtype, c.box.sizes) for at, c in zip(self.offsets, chunks)]
+
+
+class Gate:
+    """How many chunks the foreground has copied: the background writes chunk ``i`` once it is there, so the
+    writes (and the preparation before them) overlap the copy. The last chunk opens with the stall known."""
+
+    def __init__(self) -> None:
+        self.ready = 0
+        self.stall: float | None = None  # set with the last chunk: the foreground is done
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
+
+    def open(self, count: int, stall: float | None = None) -> None:
+        with self.cond:
+            self.ready = count
+            if stall is not None:
+                self.stall = stall
+            self.cond.notify_all()
+
+    def finished(self) -> float:
+        """Until the foreground is done; returns its stall."""
+        self._until(lambda: self.stall is not None)
+        return self.stall or 0.0
+
+    def fail(self, error: BaseException) -> None:
+        with self.cond:
+            self.error = error
+            self.cond.notify_all()
+
+    def wait(self, i: int) -> None:
+        """Until chunk ``i`` is copied; raises if the copy failed."""
+        self._until(lambda: self.ready > i or self.stall is not None)
+
+    def _until(self, done) -> None:
+        with self.cond:
+            while not done() and self.error is None:
+                self.cond.wait()
+            if self.error is not None:
+                raise HFStorageError(f"the host copy of this save failed: {self.error}") from self.error
 
 
 _ALIGN = 64
@@ -215,7 +262,8 @@ class WriterProcess:
         self.conn_out.send((address, g.rank, g.size, g.timeout(), os.getpid()))
         self.sent: tuple | None = None
 
-    def run(self, copies: HostCopies, job: pipeline.Job, path, opts: pipeline.Options, stall: float):
+    def run(self, copies: HostCopies, job: pipeline.Job, path, opts: pipeline.Options, gate: Gate):
+        stall = gate.finished()
         assert copies.shared is not None
         flat = copies.shared.where if self.sent != copies.shared.where else None
         self.sent = copies.shared.where
@@ -294,26 +342,38 @@ def async_save(
         g = Group(group)
         with pipeline.gc_paused():  # the caller's thread only; the background part leaves the collector alone
             job, desk = pipeline.plan_shared(state_dict, opts, g, assemble=mode == "thread")
-            job.chunks = saver.copies.stage(job.chunks, shared=mode == "process")
+            live, job.chunks = job.chunks, saver.copies.prepare(job.chunks, shared=mode == "process")
+        gate = Gate()
         if mode == "process":
+            saver.copies.fill(live)  # the writer process is handed the copies whole
             writer = saver.writer_for(g)
             work: tuple = (writer.run, saver.copies, job, path, opts)
         else:
+            job.ready = gate.wait  # the background starts now: it writes each chunk once it is copied
             work = (_write_here, Group(saver.group_for(g)), job, desk, path, opts)
         future = SaveFuture()
         saver.last = future
-        saver.executor.submit(_resolve, future, work, time.perf_counter() - start)
+        saver.executor.submit(_resolve, future, work, gate)
+        try:
+            if mode == "thread":
+                saver.copies.fill(live, gate)
+        except BaseException as e:
+            gate.fail(e)
+            raise
+        gate.open(len(live), time.perf_counter() - start)
     return future
 
 
-def _resolve(future: SaveFuture, work: tuple, stall: float) -> None:
+def _resolve(future: SaveFuture, work: tuple, gate: Gate) -> None:
     fn, *args = work
     try:
-        future.set_result(fn(*args, stall))
+        if fn is not _write_here:
+            gate.finished()  # the writer process takes the copies whole
+        future.set_result(fn(*args, gate))
     except BaseException as e:
         future.set_exception(e)
 
 
-def _write_here(g: Group, job: pipeline.Job, desk, path, opts: pipeline.Options, stall: float):
+def _write_here(g: Group, job: pipeline.Job, desk, path, opts: pipeline.Options, gate: Gate):
     done = pipeline.write_shared(g, job, desk, path, opts, time.perf_counter())
-    return pipeline.summary(path, done, stall)
+    return pipeline.summary(path, done, gate.finished())

@@ -90,6 +90,7 @@ class Job:
     parts: list[row_assembly.Part] = field(default_factory=list)  # the chunks row assembly can take
     mates: dict[int, row_assembly.Seat] = field(default_factory=dict)  # this node's ranks in row assembly
     layout: Layout | None = None  # the whole layout, where this rank planned it
+    ready: Callable[[int], None] | None = None  # async: returns once chunk i's host copy is made
 
 
 # -- messages between the ranks ------------------------------------------------------------------
@@ -325,7 +326,9 @@ def write(job: Job, prepared: Prepared, opts: Options, assembly: row_assembly.As
     progress = _Progress(pool, opts.progress)
     held = {}
     try:
-        for c in job.chunks:
+        for i, c in enumerate(job.chunks):
+            if job.ready is not None:
+                errors.attempt(job.ready, i)
             handed = assembly.bands.get(c.fqn) if assembly is not None else None
             if handed:
                 held[c.fqn] = (c.data, c.shape, c.box)
@@ -669,6 +672,8 @@ def _describe_remote(g: Group, job: Job) -> tuple[list[torch.Tensor], remote.Par
     local: Exception | None = None
     message: list[remote.Piece] | str
     try:
+        if job.ready is not None and job.chunks:
+            job.ready(len(job.chunks) - 1)  # async: every host copy first
         data = [remote.bytes_of(c.data) for c in job.chunks]
         message = [_piece(job, c) for c in job.chunks]
     except Exception as e:
