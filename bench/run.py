@@ -5,6 +5,7 @@
     .venv/bin/python -m bench.run --world-sizes 2 --layouts row --sizes 0.5 1 --reps 5
     .venv/bin/python -m bench.run --section many-tensors
     .venv/bin/python -m bench.run --section async         # async checkpointing only (bench/async_bench.py)
+    .venv/bin/python -m bench.run --section objstore      # saving to an S3 store (bench/objstore_bench.py)
 
 Method
   * One pool of gloo worker processes per world size is spawned once; every contender runs inside it,
@@ -41,6 +42,9 @@ Default matrix (chosen to finish in about 12 minutes on this 2-core machine when
   * 2 ranks: 50,000 fp32 8x8 DTensors, save and load (``--many-count``), ``--many-reps`` (1) repetitions;
   * 2 ranks: async checkpointing (``bench/async_bench.py``; about 6 more minutes): stall, time to commit, RSS
     over 5 saves in a row and the slowdown of a training step, rows and columns at ``--async-gb`` (1 GB);
+  * 2 ranks: saving to an object store (``bench/objstore_bench.py``; a local moto S3 server over HTTP; about 8
+    more minutes): ``hf_storage.save`` to ``s3://`` against save-then-upload and a raw upload bound, rows and
+    columns at ``--objstore-gb`` (1 GB);
   * ``--reps`` (3) repetitions, but the two slow contenders (torch's consolidating HF writer and gather +
     save_file, 5-20x slower than the rest) run ``--slow-reps`` (1) times: their median is of one run.
   ``--cross`` runs every size for every layout and world size instead. ``--profile CONTENDER`` writes a
@@ -508,6 +512,10 @@ def report(data: dict) -> str:
         from . import async_bench
 
         parts.append(async_bench.report(data["async"]))
+    if data.get("objstore"):
+        from . import objstore_bench
+
+        parts.append(objstore_bench.report(data["objstore"]))
     return "\n\n".join(parts)
 
 
@@ -561,7 +569,7 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="small sizes, 1 repetition, 2 000 tiny tensors (smoke test)")
-    p.add_argument("--section", choices=("all", "main", "many-tensors", "async"), default="all")
+    p.add_argument("--section", choices=("all", "main", "many-tensors", "async", "objstore"), default="all")
     p.add_argument(
         "--sizes", type=float, nargs="+", help="GB; the row layout at the smallest world size (default 0.5 1 2)"
     )
@@ -603,9 +611,10 @@ def parse_args(argv=None):
     p.add_argument("--no-docs", action="store_true", help="do not copy the plot to docs/bench.png")
     p.add_argument("--from-json", metavar="PATH", help="run nothing: redraw the tables and plot from a bench.json")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before a world size's workers are killed")
-    from . import async_bench
+    from . import async_bench, objstore_bench
 
     async_bench.add_args(p)
+    objstore_bench.add_args(p)
     a = p.parse_args(argv)
     q = a.quick
     a.sizes = a.sizes or ([0.064] if q else [0.5, 1.0, 2.0])
@@ -679,6 +688,14 @@ def main(argv=None) -> dict:
             from . import async_bench
 
             data["async"] = async_bench.run_section(async_bench.settings_from(a, scratch), a.timeout)
+        if a.section in ("all", "objstore"):
+            from . import objstore_bench
+
+            missing = objstore_bench.unavailable()
+            if missing and a.section == "all":
+                print(f"skipping the objstore section: {missing}", flush=True)
+            else:
+                data["objstore"] = objstore_bench.run_section(objstore_bench.settings_from(a, scratch), a.timeout)
     finally:
         if not a.scratch:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,36 @@ def test_bench_async_section_smoke(tmp_path):
             assert v["slowdown"] is None or name in A.ASYNC
         assert set(lay["ratios"]) == set(A.OURS_ASYNC) - set(data["skipped"])
     assert "ASYNC" in proc.stdout and "ASYNC TARGETS" in proc.stdout
+
+
+def test_bench_objstore_section_smoke(tmp_path):
+    """``--section objstore`` at a few MB, 1 repetition, rows and columns (a local moto server the section starts
+    itself): the table prints all three contenders with numbers, and ours direct's objects passed the byte check."""
+    from bench import objstore_bench as O
+
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench.run", "--section", "objstore", "--quick", "--objstore-gb", "0.004"]
+    cmd += ["--layouts", "row", "col", "--out", str(out), "--scratch", str(tmp_path / "s")]
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / "bench.json").read_text())["objstore"]
+    assert [lay["layout"] for lay in data["layouts"]] == ["row", "col"]
+    for lay in data["layouts"]:
+        assert lay["check"]["identical"] and any(name.endswith(".safetensors") for name in lay["check"]["files"])
+        assert set(lay["summary"]) == set(O.NAMES)
+        for v in lay["summary"].values():
+            assert v["s"]["median"] > 0 and v["gbps"]["median"] > 0 and v["mem_mb"] >= 0
+        assert len(lay["ratios"]) == 3 and all(value > 0 for value, _, _ in lay["ratios"].values())
+    number = r"\d+\.\d+ \(\d+\.\d+-\d+\.\d+\)"  # median (min-max)
+    for name in O.NAMES:
+        rows = [
+            line for line in proc.stdout.splitlines() if re.match(rf"^(row|col)?\s+{name}\s+{number}\s+{number}", line)
+        ]
+        assert len(rows) == 2, (name, proc.stdout[-3000:])
+    assert proc.stdout.count("ours direct: byte-identical to the local save") == 2
+    assert "OBJECT STORE TARGETS" in proc.stdout
 
 
 def test_gpu_check_runs_the_gpu_tests_and_says_when_there_is_no_gpu(monkeypatch, capsys):
