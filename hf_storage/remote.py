@@ -633,12 +633,14 @@ def complete(session: Session, parts: Parts, etags: Iterable[tuple[str, int, str
     loc = session.loc
     if session.had_index:
         objstore.delete(loc, INDEX_NAME)
-    done = {}
-    for fp in parts.files:
-        numbers = range(1, fp.count + 1)
-        done[fp.name] = objstore.complete_upload(
-            loc, fp.name, session.uploads[fp.name], [got[fp.name][i] for i in numbers]
+
+    def finish(fp: FilePlan) -> str:
+        return objstore.complete_upload(
+            loc, fp.name, session.uploads[fp.name], [got[fp.name][i + 1] for i in range(fp.count)]
         )
+
+    with ThreadPoolExecutor(min(16, max(1, len(parts.files))), thread_name_prefix="hf_storage-complete") as ex:
+        done = dict(zip((fp.name for fp in parts.files), ex.map(finish, parts.files)))  # the store joins them at once
     session.uploads = {}
     if session.had_index:
         names = {fp.name for fp in parts.files}
