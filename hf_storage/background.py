@@ -7,7 +7,10 @@ in a writer process of this rank (``mode="process"``).
                 that are allocated once and reused by the next save of the same state
     background  prepare, assemble, write, agree, publish: the same phases as :func:`hf_storage.save`, on
                 a thread with a dedicated gloo group of the same ranks (created once), or in a writer
-                process per rank (started once, its own gloo group; the host copies in shared memory)
+                process per rank (started once, its own gloo group; the host copies in shared memory).
+                A thread starts at once: it prepares while the foreground copies, and, where each local
+                rank has a core to spare (``HF_STORAGE_ASYNC_OVERLAP``), writes every chunk as soon as
+                its copy is made
 
 The checkpoint is complete-or-invisible exactly as with :func:`hf_storage.save`. An error of the background
 part is raised by the returned future's ``result()`` on every rank, and, if nobody asked for it, by the next
@@ -36,7 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import pipeline
+from . import pipeline, settings
 from .collectives import Group, timeout_of
 from .errors import HFStorageError
 
@@ -355,13 +358,19 @@ def async_save(
         saver.last = future
         saver.executor.submit(_resolve, future, work, gate)
         try:
-            if mode == "thread":
-                saver.copies.fill(live, gate)
+            if mode == "thread":  # overlapping writes with the copy pays only with a core to spare for them
+                saver.copies.fill(live, gate if settings.async_overlap(_local_ranks(g)) else None)
         except BaseException as e:
             gate.fail(e)
             raise
         gate.open(len(live), time.perf_counter() - start)
     return future
+
+
+def _local_ranks(g: Group) -> int:
+    """Ranks of this save on this host: torchrun's ``LOCAL_WORLD_SIZE``, else the group's size."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return int(value) if value.isdigit() else g.size
 
 
 def _resolve(future: SaveFuture, work: tuple, gate: Gate) -> None:

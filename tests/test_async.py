@@ -54,7 +54,10 @@ def _five_saves(rank: int, world: int, root: str) -> dict:
     return {"stalls": stalls, "held": len(hf_storage.background._SAVER.copies.buffers)}
 
 
-def test_five_async_saves_in_a_row_each_equal_to_the_state_at_its_step(tmp_path):
+@pytest.mark.parametrize("overlap", ["1", "0"])
+def test_five_async_saves_in_a_row_each_equal_to_the_state_at_its_step(tmp_path, monkeypatch, overlap):
+    """With the writes overlapping the copy (each chunk written once it is copied) and without."""
+    monkeypatch.setenv("HF_STORAGE_ASYNC_OVERLAP", overlap)
     results = run_ranks(_five_saves, 2, str(tmp_path), timeout=240)
     for step in range(1, 6):
         got, want = loaded(tmp_path / f"step-{step}"), full_state(step)
