@@ -64,15 +64,6 @@ def test_proxy_forwards_faithfully(s3_bucket: str, fault_proxy: FaultProxy):
     assert dict(fault_proxy.history[0].headers)["Host"] == urlsplit(fault_proxy.endpoint).netloc
 
 
-def test_storm_is_survived_by_standard_retries(s3_bucket: str, fault_proxy: FaultProxy):
-    client = s3_client(fault_proxy.endpoint, max_attempts=10)
-    fault_proxy.storm(3)
-    client.put_object(Bucket=_bucket(s3_bucket), Key="k", Body=b"data")
-    assert fault_proxy.injected == 3
-    assert fault_proxy.requests == 4
-    assert s3_client().get_object(Bucket=_bucket(s3_bucket), Key="k")["Body"].read() == b"data"
-
-
 def test_storm_every_kth_request(s3_bucket: str, fault_proxy: FaultProxy):
     # A non-throttling code keeps botocore's backoff short (50 ms scale instead of 1 s).
     fault_proxy.storm_every(3, status=500, code="InternalError")
@@ -85,17 +76,6 @@ def test_storm_every_kth_request(s3_bucket: str, fault_proxy: FaultProxy):
     for i in range(6):
         client.head_object(Bucket=_bucket(s3_bucket), Key=f"k{i % 4}")
     assert fault_proxy.requests - before == 6
-
-
-def test_throttle_forever_exhausts_retries(s3_bucket: str, fault_proxy: FaultProxy):
-    fault_proxy.throttle_forever()
-    client = s3_client(fault_proxy.endpoint, max_attempts=2)
-    with pytest.raises(ClientError) as err:
-        client.get_object(Bucket=_bucket(s3_bucket), Key="missing")
-    assert err.value.response["Error"]["Code"] == "SlowDown"
-    assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
-    # Config(retries={"max_attempts": n}) counts retries, not attempts: 1 + 2 requests, all throttled.
-    assert fault_proxy.requests == fault_proxy.injected == 3
 
 
 def test_ranged_get_through_proxy(s3_bucket: str, fault_proxy: FaultProxy):
