@@ -14,6 +14,8 @@ or, with DCP::
 
     dcp.save(state_dict, storage_writer=hf_storage.HuggingFaceStorageWriter("/ckpt/step-1000"))
     dcp.load(state_dict, storage_reader=hf_storage.HuggingFaceStorageReader("/ckpt/step-1000"))
+
+Every path may also be an object-store URI, ``s3://bucket/prefix`` (:mod:`.remote`, :mod:`.objstore`).
 """
 
 from .api import LoadSummary, SaveSummary, async_save, load, save
@@ -32,6 +34,7 @@ from .errors import (
 )
 from .layout import Layout, TensorSpec, parse_size, plan
 from .manager import CheckpointManager
+from .objstore import ObjectChangedError, ObjectStoreError, ObjectStoreThrottledError, ObjectStoreUnreachableError
 from .reader import open_checkpoint
 
 __all__ = [
@@ -54,6 +57,10 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointLockedError",
     "SaveError",
+    "ObjectStoreError",
+    "ObjectStoreThrottledError",
+    "ObjectStoreUnreachableError",
+    "ObjectChangedError",
     "Box",
     "StateDictMismatchError",
     "UnsupportedEntryError",

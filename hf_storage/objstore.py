@@ -149,7 +149,7 @@ def translate(e: BaseException, what: str) -> HFStorageError:
     if code in _THROTTLED or status == 503:
         return ObjectStoreThrottledError(
             f"{what}: the object store kept throttling ({code or status}) after {settings.s3_attempts()} attempts "
-            "with backoff; lower thread_count, spread saves over time, or raise HF_STORAGE_S3_ATTEMPTS"
+            "with backoff; lower thread_count (fewer requests at once), or raise HF_STORAGE_S3_ATTEMPTS"
         )
     if code == "PreconditionFailed" or status == 412:
         return ObjectChangedError(f"{what}: the object changed while it was read (another save replaced it)")
