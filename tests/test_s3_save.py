@@ -93,6 +93,10 @@ def test_round_trip_is_byte_identical_to_the_local_save(s3_bucket, tmp_path, wor
     uri = f"{s3_bucket}/w{world}"
     names = run_ranks(_layouts, world, uri, str(tmp_path))[0]
     assert names == (["rows", "cols", "async", "dcp"] if world == 2 else ["rows", "cols", "2d"])
+    if world == 2:
+        assert unpinned(objects(f"{uri}/dcp-async")) == local_files(str(tmp_path / "dcp"))
+        assert "model.safetensors.index.json" not in objects(f"{uri}/dcp-refused")
+        assert uploads_left(f"{uri}/dcp-refused") == []
     for name in names:
         want = local_files(str(tmp_path / name))
         got = unpinned(objects(f"{uri}/{name}"))
@@ -149,6 +153,21 @@ def _dcp(rank: int, world: int, uri: str, local: str) -> None:
     dcp.load(back, storage_reader=hf_storage.HuggingFaceStorageReader(uri))
     for k, v in _full_state().items():
         assert torch.equal(back[k].full_tensor(), v), k
+    # dcp.async_save in thread mode: the writer's collectives go on the dedicated group it is given ...
+    import torch.distributed as dist
+
+    pg = dist.new_group(backend="gloo")
+    writer = hf_storage.HuggingFaceStorageWriter(f"{uri}-async", max_shard_size="7MB", process_group=pg)
+    dcp.async_save(sd, storage_writer=writer, process_group=pg).result()
+    # ... and without one it refuses by name rather than run them on the training's group from a thread
+    bare = hf_storage.HuggingFaceStorageWriter(f"{uri}-refused", max_shard_size="7MB")
+    try:
+        dcp.async_save(sd, storage_writer=bare, process_group=pg).result()
+    except BaseException as e:  # DCP wraps every rank's error in a CheckpointException (a BaseException)
+        causes = " ".join(str(x) for x in getattr(e, "failures", {}).values()) or str(e)
+        assert "process_group=<the dedicated gloo group" in causes, causes
+    else:
+        raise AssertionError("dcp.async_save without a group should have been refused")
 
 
 def test_transformers_loads_the_downloaded_checkpoint(s3_bucket, tmp_path):
