@@ -55,9 +55,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from . import pipeline, publish
+from . import objstore, pipeline, publish
 from .api import SaveSummary, async_save, load, save
 from .collectives import Group
+from .errors import HFStorageError
 from .layout import INDEX_NAME
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,11 @@ class CheckpointManager:
         if keep is not None and keep < 1:
             raise ValueError(f"keep must be >= 1 (the newest checkpoints to keep) or None to keep all, got {keep}")
         pipeline.options(**save_kwargs)  # names an unknown option now, not at the first save
+        if objstore.is_uri(os.fspath(root)):
+            raise HFStorageError(
+                f"CheckpointManager keeps its checkpoints in a directory (a 'latest' link, atomic deletes); "
+                f"{os.fspath(root)!r} is an object store: call hf_storage.save / async_save with s3:// paths instead"
+            )
         self.root, self.every, self.keep, self.async_mode = Path(root), every, keep, async_mode
         self.process_group, self.save_kwargs = process_group, save_kwargs
         self.rank0 = Group(process_group).rank == 0

@@ -304,6 +304,11 @@ def test_throttling_and_a_wrong_endpoint_give_named_errors(s3_bucket, fault_prox
         hf_storage.save({"x": torch.ones(4)}, f"{s3_bucket}/nowhere")
 
 
+def test_the_checkpoint_manager_refuses_an_object_store_by_name():
+    with pytest.raises(hf_storage.HFStorageError, match="object store: call hf_storage.save"):
+        hf_storage.CheckpointManager("s3://bkt/run", every=10)
+
+
 def test_bad_uris_are_refused_before_any_request():
     for bad in ("s3://", "s3:///x", "s3://b/../x"):
         with pytest.raises(hf_storage.HFStorageError, match="not a valid object-store URI"):
