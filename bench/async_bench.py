@@ -38,19 +38,13 @@ Output: the tables on stdout, ``RESULTS/async.json`` (or the ``"async"`` entry o
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import math
 import os
-import shutil
 import statistics
-import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from . import run as R
 from .rss import RssPeak
@@ -617,28 +611,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    a = parse_args(argv)
-    scratch = a.scratch or tempfile.mkdtemp(prefix="hf-bench-async-", dir="/tmp")
-    os.makedirs(scratch, exist_ok=True)
-    meta = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": R.machine(),
-        "argv": sys.argv[1:] if argv is None else list(argv),
-    }
-    try:
-        data = run_section(settings_from(a, scratch), a.timeout)
-    finally:
-        if not a.scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
-    data["meta"] = meta
-    text = report(data)
-    print("\n" + text + f"\n\nwall time {data['wall_s']:.0f} s", flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "async.json").write_text(json.dumps(data, indent=1))
-    (out / "async.txt").write_text(text + "\n")
-    print(f"wrote {out / 'async.json'}", flush=True)
-    return data
+    return R.run_standalone("async", parse_args(argv), run_section, settings_from, report)
 
 
 if __name__ == "__main__":

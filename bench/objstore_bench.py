@@ -68,7 +68,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -734,28 +733,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    a = parse_args(argv)
-    scratch = a.scratch or tempfile.mkdtemp(prefix="hf-bench-objstore-", dir="/tmp")
-    os.makedirs(scratch, exist_ok=True)
-    meta = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": R.machine(),
-        "argv": sys.argv[1:] if argv is None else list(argv),
-    }
-    try:
-        data = run_section(settings_from(a, scratch), a.timeout)
-    finally:
-        if not a.scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
-    data["meta"] = meta
-    text = report(data)
-    print("\n" + text + f"\n\nwall time {data['wall_s']:.0f} s", flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "objstore.json").write_text(json.dumps(data, indent=1))
-    (out / "objstore.txt").write_text(text + "\n")
-    print(f"wrote {out / 'objstore.json'}", flush=True)
-    return data
+    return R.run_standalone("objstore", parse_args(argv), run_section, settings_from, report)
 
 
 if __name__ == "__main__":

@@ -519,6 +519,32 @@ def report(data: dict) -> str:
     return "\n\n".join(parts)
 
 
+def run_standalone(name: str, a, run_section, settings_from, report) -> dict:
+    """A section run on its own (``python -m bench.<section>``): scratch directory, machine notes, the table
+    printed, ``RESULTS/<name>.json`` and ``.txt`` written."""
+    scratch = a.scratch or tempfile.mkdtemp(prefix=f"hf-bench-{name}-", dir="/tmp")
+    os.makedirs(scratch, exist_ok=True)
+    meta = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "argv": sys.argv[1:],
+    }
+    try:
+        data = run_section(settings_from(a, scratch), a.timeout)
+    finally:
+        if not a.scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    data["meta"] = meta
+    text = report(data)
+    print("\n" + text + f"\n\nwall time {data['wall_s']:.0f} s", flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1))
+    (out / f"{name}.txt").write_text(text + "\n")
+    print(f"wrote {out / (name + '.json')}", flush=True)
+    return data
+
+
 def machine() -> dict:
     model = ""
     try:
