@@ -453,24 +453,21 @@ def run_section(s: AsyncSettings, timeout: float = 3600) -> dict:
     return res
 
 
+def fmt(v: dict | None, digits: int = 3) -> str:
+    return R.fmt_spread(v, digits)
+
+
 # -- summary and tables (parent process, no torch) --------------------------------------------------------
-def _spread(xs: list) -> dict | None:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
-
-
 def summarize(layout: dict) -> dict:
     out = {}
     for name, series in layout["series"].items():
         runs = [r[name] for r in layout["reps"] if name in r]
         busy = [r["busy"] for r in runs if r["busy"]]
         out[name] = {
-            "stall_s": _spread([r["quiet"]["stall_s"] for r in runs]),
-            "committed_s": _spread([r["quiet"]["committed_s"] for r in runs]) if name != FLOOR else None,
-            "busy_committed_s": _spread([r["committed_s"] for r in busy]),
-            "slowdown": _spread([r.get("slowdown") for r in busy]),
+            "stall_s": R.spread([r["quiet"]["stall_s"] for r in runs]),
+            "committed_s": R.spread([r["quiet"]["committed_s"] for r in runs]) if name != FLOOR else None,
+            "busy_committed_s": R.spread([r["committed_s"] for r in busy]),
+            "slowdown": R.spread([r.get("slowdown") for r in busy]),
             **{k: series[k] for k in ("rss_first_mb", "rss_all_mb", "creep_mb", "kept_first_mb", "kept_last_mb")},
         }
     return out
@@ -504,12 +501,6 @@ def ratios(layout: dict, summ: dict) -> dict:
     return out
 
 
-def _fmt(v: dict | None, digits: int = 3) -> str:
-    if not v:
-        return "-"
-    return f"{v['median']:.{digits}f} ({v['min']:.{digits}f}-{v['max']:.{digits}f})"
-
-
 def _table(data: dict) -> list[str]:
     n = data["settings"]["series"]
     head = (
@@ -520,8 +511,8 @@ def _table(data: dict) -> list[str]:
     for lay in data["layouts"]:
         for i, (name, v) in enumerate(lay["summary"].items()):
             lines.append(
-                f"{lay['layout'] if i == 0 else '':<6} {name:<36} {_fmt(v['stall_s']):>21} "
-                f"{_fmt(v['committed_s']):>21} {_fmt(v['busy_committed_s']):>21} {_fmt(v['slowdown'], 2):>18} "
+                f"{lay['layout'] if i == 0 else '':<6} {name:<36} {fmt(v['stall_s']):>21} "
+                f"{fmt(v['committed_s']):>21} {fmt(v['busy_committed_s']):>21} {fmt(v['slowdown'], 2):>18} "
                 f"{v['rss_first_mb']:8.1f} {v['rss_all_mb']:8.1f} {v['creep_mb']:6.1f}"
             )
     return lines

@@ -569,26 +569,23 @@ def run_section(s: ObjSettings, timeout: float = 3600) -> dict:
     return res
 
 
+def fmt(v: dict | None, digits: int = 2) -> str:
+    return R.fmt_spread(v, digits)
+
+
 # -- summary and tables (parent process, no torch) --------------------------------------------------------
-def _spread(xs: list) -> dict | None:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
-
-
 def summarize(layout: dict) -> dict:
     out = {}
     for name, runs in layout["runs"].items():
         if not runs:
             continue
         out[name] = {
-            "s": _spread([r["s"] for r in runs]),
-            "gbps": _spread([layout["bytes"] / r["s"] / 1e9 for r in runs]),
+            "s": R.spread([r["s"] for r in runs]),
+            "gbps": R.spread([layout["bytes"] / r["s"] / 1e9 for r in runs]),
             "mem_mb": max(max(r["mem_mb"]) for r in runs),
             "cpu_s": statistics.median(r["cpu_s"] for r in runs),
-            "moto_cpu_s": _spread([r.get("moto_cpu_s") for r in runs]),
-            "moto_busy": _spread([r["moto_cpu_s"] / r["s"] for r in runs if r.get("moto_cpu_s") is not None]),
+            "moto_cpu_s": R.spread([r.get("moto_cpu_s") for r in runs]),
+            "moto_busy": R.spread([r["moto_cpu_s"] / r["s"] for r in runs if r.get("moto_cpu_s") is not None]),
             "moto_rss_peak_mb": max((r.get("moto_rss_peak_mb") or 0 for r in runs), default=0),
         }
     return out
@@ -609,12 +606,6 @@ def ratios(layout: dict, summ: dict) -> dict:
     return out
 
 
-def _fmt(v: dict | None, digits: int = 2) -> str:
-    if not v:
-        return "-"
-    return f"{v['median']:.{digits}f} ({v['min']:.{digits}f}-{v['max']:.{digits}f})"
-
-
 def _table(data: dict) -> list[str]:
     head = (
         f"{'layout':<6} {'contender':<18} {'seconds':>22} {'GB/s':>22} {'RSS MB':>8} {'x ours':>7} {'cpu s':>7} "
@@ -627,9 +618,9 @@ def _table(data: dict) -> list[str]:
         for i, (name, v) in enumerate(summ.items()):
             x = v["s"]["median"] / ours["median"] if ours else float("nan")
             lines.append(
-                f"{lay['layout'] if i == 0 else '':<6} {name:<18} {_fmt(v['s'], 3):>22} {_fmt(v['gbps'], 3):>22} "
-                f"{v['mem_mb']:8.1f} {x:7.2f} {v['cpu_s']:7.2f} {_fmt(v['moto_cpu_s']):>22} "
-                f"{_fmt(v['moto_busy']):>19} {v['moto_rss_peak_mb']:11.1f}"
+                f"{lay['layout'] if i == 0 else '':<6} {name:<18} {fmt(v['s'], 3):>22} {fmt(v['gbps'], 3):>22} "
+                f"{v['mem_mb']:8.1f} {x:7.2f} {v['cpu_s']:7.2f} {fmt(v['moto_cpu_s']):>22} "
+                f"{fmt(v['moto_busy']):>19} {v['moto_rss_peak_mb']:11.1f}"
             )
         local = " / ".join(f"{b / 1e6:.1f}" for b in lay["local_bytes"])
         check = lay.get("check")

@@ -519,6 +519,21 @@ def report(data: dict) -> str:
     return "\n\n".join(parts)
 
 
+def spread(xs: list) -> dict | None:
+    """Median, min and max of the values that are not None (None when there are none)."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def fmt_spread(v: dict | None, digits: int = 3) -> str:
+    """``median (min-max)``, or ``-``."""
+    if not v:
+        return "-"
+    return f"{v['median']:.{digits}f} ({v['min']:.{digits}f}-{v['max']:.{digits}f})"
+
+
 def run_standalone(name: str, a, run_section, settings_from, report) -> dict:
     """A section run on its own (``python -m bench.<section>``): scratch directory, machine notes, the table
     printed, ``RESULTS/<name>.json`` and ``.txt`` written."""

@@ -116,12 +116,14 @@ class Prepared:
 
 @dataclass(frozen=True)
 class Report:
-    """What a rank wrote: per tensor ``(fqn, bytes, CRC share or None)``, or why it failed."""
+    """What a rank wrote: per tensor ``(fqn, bytes, CRC share or None)``, or why it failed; to an object store
+    also the ETag of every part it uploaded, ``(file, part number from 1, ETag)``."""
 
     rank: int
     fingerprint: str = ""
     written: tuple[tuple[str, int, int | None], ...] = ()
     error: str = ""
+    etags: tuple[tuple[str, int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -578,20 +580,28 @@ def seat_shared(g: Group, job: Job, opts: Options) -> row_assembly.Desk | None:
 
 def _prepare_shared(g: Group, job: Job, path, opts: Options) -> tuple[publish.Staging | None, Prepared]:
     """Rank 0 prepares the staging directory; every rank learns where it is, or that it failed."""
-    staging: publish.Staging | None = None
-    message: Prepared | Failure | None = None
-    local: Exception | None = None
+
+    def make() -> tuple[publish.Staging, Prepared]:
+        staging, mapped = prepare(job.layout, path, opts)  # type: ignore[arg-type]
+        return staging, Prepared(str(staging.directory), mapped)
+
+    return _from_rank0(g, make)
+
+
+def _from_rank0(g: Group, make: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """Rank 0 runs ``make() -> (what it keeps, message)``; every rank gets the message, or, where it failed,
+    the failure raised on every rank."""
+    kept, message, local = None, None, None
     if g.rank == 0:
         try:
-            staging, mapped = prepare(job.layout, path, opts)  # type: ignore[arg-type]
-            message = Prepared(str(staging.directory), mapped)
+            kept, message = make()
         except Exception as e:
             message, local = Failure({0: describe(e)}), e
     message = g.broadcast(message)
     if isinstance(message, Failure):
         fail(message.failures, g.rank, local, g.size == 1)
-    assert message is not None  # rank 0 always sends a Prepared or a Failure
-    return staging, message
+    assert message is not None  # rank 0 always sends a message or a Failure
+    return kept, message
 
 
 def _write_report(
@@ -613,16 +623,30 @@ def _agree_publish(
     g: Group, job: Job, staging: publish.Staging | None, report: Report | Exception, opts: Options
 ) -> None:
     """Rank 0 gathers the reports, publishes or aborts; every rank learns the outcome."""
+    _conclude(
+        g,
+        job,
+        report,
+        lambda reports: finalize(staging, job.layout, agree(reports), opts),  # type: ignore[arg-type]
+        lambda: publish.abort(staging),  # type: ignore[arg-type]
+    )
+
+
+def _conclude(
+    g: Group, job: Job, report: Report | Exception, finish: Callable[[list[Report]], Any], abort: Callable[[], Any]
+) -> None:
+    """Every rank's report (a local failure becomes one) to rank 0, which runs ``finish(reports)`` (it raises
+    :class:`SaveError` for failed ranks) or, when that fails, ``abort()``; every rank learns the outcome."""
     local = report if isinstance(report, Exception) else None
-    if local is not None:
-        report = Report(g.rank, job.fingerprint, error=describe(local))
+    if isinstance(report, Exception):
+        report = Report(g.rank, job.fingerprint, error=describe(report))
     reports = g.gather(report)
     outcome = None
     if g.rank == 0:
         try:
-            finalize(staging, job.layout, agree(reports), opts)  # type: ignore[arg-type]
+            finish(reports)  # type: ignore[arg-type]
         except Exception as e:
-            publish.abort(staging)  # type: ignore[arg-type]
+            abort()
             outcome = Failure(e.failures if isinstance(e, SaveError) else {0: describe(e)})
             local = local or (None if isinstance(e, SaveError) else e)
     outcome = g.broadcast(outcome)
@@ -650,17 +674,19 @@ def write_remote(g: Group, job: Job, loc: objstore.Location, opts: Options, star
     all-gather), prepare (rank 0: lock, clean up, one upload per file), upload (rounds of ``all_to_all`` for
     parts several ranks hold), agree and publish (rank 0: complete, extra files, index last)."""
     data, parts = _describe_remote(g, job)
-    session, uploads = _prepare_remote(g, job, loc, opts)
+    session, uploads = _from_rank0(g, lambda: _begin_uploads(job, loc, opts))
     try:
         tally, etags = remote.write(g, parts, data, uploads.ids, loc, opts.thread_count, opts.budget, opts.checksums)
-        report: remote.Uploaded | Exception = remote.Uploaded(g.rank, Tally().merge(tally).items(), tuple(etags))
+        report: Report | Exception = Report(g.rank, job.fingerprint, Tally().merge(tally).items(), etags=tuple(etags))
     except PeerFailure:
         if session is not None:
             session.abort()
         raise
     except Exception as e:
         report = e
-    _agree_publish_remote(g, job, parts, session, report, opts)
+    _conclude(
+        g, job, report, lambda reports: _publish_remote(session, job, parts, reports, opts), lambda: session.abort()
+    )
     local = sum(c.data.numel() * c.data.element_size() for c in job.chunks)
     return Outcome(job.layout, local, 0, time.perf_counter() - start)  # type: ignore[arg-type]
 
@@ -691,53 +717,17 @@ def _piece(job: Job, c: Chunk) -> remote.Piece:
     return remote.Piece(c.fqn, p.file, p.offset, c.shape, c.data.element_size(), c.box)
 
 
-def _prepare_remote(
-    g: Group, job: Job, loc: objstore.Location, opts: Options
-) -> tuple[remote.Session | None, remote.Uploads]:
-    """Rank 0 locks the prefix and begins the uploads; every rank learns their ids, or that it failed."""
-    session: remote.Session | None = None
-    message: remote.Uploads | Failure | None = None
-    local: Exception | None = None
-    if g.rank == 0:
-        try:
-            session = remote.prepare(loc, job.layout, opts.overwrite, opts.lock_wait)  # type: ignore[arg-type]
-            message = remote.Uploads(dict(session.uploads), session.had_index)
-        except Exception as e:
-            message, local = Failure({0: describe(e)}), e
-    message = g.broadcast(message)
-    if isinstance(message, Failure):
-        fail(message.failures, g.rank, local, g.size == 1)
-    return session, message  # type: ignore[return-value]
+def _begin_uploads(job: Job, loc: objstore.Location, opts: Options) -> tuple[remote.Session, remote.Uploads]:
+    """Rank 0: lock the prefix and begin one upload per file."""
+    session = remote.prepare(loc, job.layout, opts.overwrite, opts.lock_wait)  # type: ignore[arg-type]
+    return session, remote.Uploads(dict(session.uploads), session.had_index)
 
 
-def _agree_publish_remote(
-    g: Group,
-    job: Job,
-    parts: remote.Parts,
-    session: remote.Session | None,
-    report: remote.Uploaded | Exception,
-    opts: Options,
+def _publish_remote(
+    session: remote.Session, job: Job, parts: remote.Parts, reports: list[Report], opts: Options
 ) -> None:
-    """Rank 0 gathers the reports, then completes and publishes, or aborts every upload; every rank learns
-    the outcome."""
-    local = report if isinstance(report, Exception) else None
-    mine = report if isinstance(report, remote.Uploaded) else remote.Uploaded(g.rank, error=describe(report))
-    reports = g.gather(mine)
-    outcome = None
-    if g.rank == 0:
-        assert session is not None and reports is not None
-        try:
-            failures = {r.rank: r.error for r in reports if r.error}
-            if failures:
-                raise SaveError(failure_message(failures), failures)
-            index = index_of(job.layout, Tally().merge(row for r in reports for row in r.written))  # type: ignore[arg-type]
-            files = remote.complete(session, parts, (e for r in reports for e in r.etags))
-            index["metadata"][remote.ETAGS_KEY] = files  # readers pin their reads to these objects
-            remote.publish(session, index, opts.extra_files)
-        except Exception as e:
-            session.abort()
-            outcome = Failure(e.failures if isinstance(e, SaveError) else {0: describe(e)})
-            local = local or (None if isinstance(e, SaveError) else e)
-    outcome = g.broadcast(outcome)
-    if isinstance(outcome, Failure):
-        fail(outcome.failures, g.rank, local, g.size == 1)
+    """Rank 0: every rank's outcome and coverage, then the files completed, the extra files, the index last."""
+    index = index_of(job.layout, agree(reports))  # type: ignore[arg-type]
+    files = remote.complete(session, parts, (e for r in reports for e in r.etags))
+    index["metadata"][remote.ETAGS_KEY] = files  # readers pin their reads to these objects
+    remote.publish(session, index, opts.extra_files)

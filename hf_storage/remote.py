@@ -25,6 +25,7 @@ import functools
 import io
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checksum, objstore, settings
+from . import checksum, engine, objstore, settings
 from .box import Box
 from .collectives import FirstError, Group
 from .errors import CheckpointExistsError, CheckpointLockedError, HFStorageError
@@ -258,16 +259,6 @@ class Uploads:
 
     ids: dict[str, str]
     had_index: bool
-
-
-@dataclass(frozen=True)
-class Uploaded:
-    """What a rank uploaded: the local path's report plus the ETag of every part it uploaded."""
-
-    rank: int
-    written: tuple[tuple[str, int, int | None], ...] = ()
-    etags: tuple[tuple[str, int, str], ...] = ()  # (file, part number from 1, ETag)
-    error: str = ""
 
 
 # -- the lock ------------------------------------------------------------------------------------
@@ -491,7 +482,7 @@ def write(
             for key in keys:
                 if parts.owner[key] == me:
                     buf = _assemble(parts, key, data, received)
-                    errors.attempt(up.put, parts.files[key[0]].name, key[1] + 1, _mv(buf), buf)
+                    errors.attempt(up.put, parts.files[key[0]].name, key[1] + 1, engine.as_bytes(buf), buf)
         for key in parts.own(me):
             view, keep = _direct(parts, key, data, me) or _assembled(parts, key, data)
             errors.attempt(up.put, parts.files[key[0]].name, key[1] + 1, view, keep)
@@ -499,10 +490,6 @@ def write(
         errors.always(up.finish)
     errors.raise_first()
     return tally, up.etags
-
-
-def _mv(t: torch.Tensor) -> memoryview:
-    return t.numpy().data.cast("B")
 
 
 def _direct(parts: Parts, key: tuple[int, int], data: list[torch.Tensor], me: int):
@@ -516,12 +503,12 @@ def _direct(parts: Parts, key: tuple[int, int], data: list[torch.Tensor], me: in
     if len(mine) != 1 or mine[0][1].nbytes != b - a or len(mine[0][1].starts) != 1:
         return None
     i, clip = mine[0]
-    return _mv(data[i][clip.d0 : clip.d1]), data[i]
+    return engine.as_bytes(data[i][clip.d0 : clip.d1]), data[i]
 
 
 def _assembled(parts: Parts, key: tuple[int, int], data: list[torch.Tensor]):
     buf = _assemble(parts, key, data, {})
-    return _mv(buf), buf
+    return engine.as_bytes(buf), buf
 
 
 def _assemble(
@@ -600,17 +587,10 @@ def _tally(pieces: list[Piece], data: list[torch.Tensor], checksums: bool) -> li
         if checksums:
             starts, run = _runs(p.box, p.shape)
             acc = checksum.Accumulator()
-            acc.add_runs(_mv(d), (starts * p.itemsize).tolist(), run * p.itemsize)
-            crc = acc.contribution(_nbytes(p.shape, p.itemsize))
+            acc.add_runs(engine.as_bytes(d), (starts * p.itemsize).tolist(), run * p.itemsize)
+            crc = acc.contribution(math.prod(p.shape) * p.itemsize)
         rows.append((p.fqn, d.numel(), crc))
     return rows
-
-
-def _nbytes(shape: tuple[int, ...], itemsize: int) -> int:
-    n = itemsize
-    for s in shape:
-        n *= s
-    return n
 
 
 # -- publish -----------------------------------------------------------------------------------------
