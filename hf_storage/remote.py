@@ -271,7 +271,7 @@ class Lease:
 
     def __init__(self, loc: objstore.Location):
         self.loc = loc
-        self.key_name = objstore.Location(loc.bucket, "").key(loc.sibling(f".{loc.name or 'root'}.lock"))
+        self.key_name = loc.sibling(f".{loc.name or 'root'}.lock")  # a key from the bucket's root
         self.root = objstore.Location(loc.bucket, "")
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None

@@ -5,7 +5,6 @@ local directory."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -381,4 +380,3 @@ def test_uri_locations():
     assert loc.key("a.json") == "ckpt/step-1000/a.json"
     assert loc.sibling(".step-1000.lock") == "ckpt/.step-1000.lock"
     assert objstore.is_uri("s3://b/x") and not objstore.is_uri("/tmp/x") and not objstore.is_uri(Path("/x"))
-    assert os.fspath("s3://b") == "s3://b"
