@@ -18,9 +18,9 @@ Contenders (every one on the same sharded llama-like state, 2 long-lived gloo ra
 Method
   * One untimed warm-up save of every contender on a tiny state; per layout, one untimed raw write of the
     state first (page-cache memory this VM never touched writes several times slower than recycled memory).
-  * Memory: per contender, 5 saves in a row (each waits for the previous one to commit), RSS of the rank plus
-    the private (non-shared) RSS of its child processes, sampled every 2 ms (bench/rss.py), no ``malloc_trim``
-    in between. ``RSS 1st`` =
+  * Memory: per contender, 5 saves in a row (each waits for the previous one to commit), the rank's memory
+    sampled every 2 ms (:class:`TreePeak`: its anonymous and file RSS, the private RSS of its child processes,
+    and half the node's shared-memory growth, which both ranks map), no ``malloc_trim`` in between. ``RSS 1st`` =
     peak during save 1 - RSS before it; ``RSS 5`` = peak over the 5 saves - RSS before save 1; ``2->5`` =
     peak during save 5 - peak during save 2 (creep). Max over ranks.
   * Timing, ``--reps`` repetitions, contenders alternating in rotated order. ``stall``: how long the call
@@ -107,21 +107,43 @@ def _private_rss(pid: int) -> int:
         return 0
 
 
-class TreePeak(RssPeak):
-    """:class:`RssPeak` of this process plus the private memory of its descendants (a process-mode save writes
-    in a child), with windows: :meth:`window` restarts the peak, :meth:`take` reads it."""
+def _status_kb(fd: int, keys: tuple[bytes, ...]) -> int:
+    """The sum of ``keys`` (kB lines) of a ``/proc`` status-like file open at ``fd``."""
+    total = 0
+    for line in os.pread(fd, 8192, 0).splitlines():
+        if line.startswith(keys):
+            total += int(line.split()[1])
+    return total
 
-    def __init__(self, period: float = 0.002):
+
+class TreePeak(RssPeak):
+    """The memory a rank is answerable for: its resident pages less shared memory, the private pages of its
+    descendants (a process-mode save writes in a child), and its share (1 / ranks on the node) of the node's
+    shared memory (``Shmem`` of ``/proc/meminfo``: host copies a writer process maps, row-assembly slots, staged
+    rows; every rank of the node touches those pages, so its own RSS would count them once per rank). With
+    windows: :meth:`window` restarts the peak, :meth:`take` reads it."""
+
+    def __init__(self, period: float = 0.002, ranks: int = WORLD):
         super().__init__(period)
         self._lock = threading.Lock()
         self._pids: list[int] = []
         self._ticks = 0
+        self._ranks = ranks
+        self._status = os.open("/proc/self/status", os.O_RDONLY)
+        self._meminfo = os.open("/proc/meminfo", os.O_RDONLY)
 
     def rss(self) -> int:
         self._ticks += 1
         if self._ticks % 25 == 1:  # look for new children every ~50 ms
             self._pids = _descendants(os.getpid())
-        return super().rss() + sum(_private_rss(p) for p in self._pids)
+        own = _status_kb(self._status, (b"RssAnon:", b"RssFile:"))
+        node_shared = _status_kb(self._meminfo, (b"Shmem:",)) // self._ranks
+        return (own + node_shared) * 1024 + sum(_private_rss(p) for p in self._pids)
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        os.close(self._status)
+        os.close(self._meminfo)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period):

@@ -4,7 +4,9 @@ in a writer process of this rank (``mode="process"``).
 
     foreground  (the caller, collective on its group)  wait for this process's previous save; plan; one
                 all-gather (a failure anywhere fails every rank now); copy every chunk into host buffers
-                that are allocated once and reused by the next save of the same state
+                that are allocated once and reused by the next save of the same state. Column shards go
+                straight into their places in whole rows that the node's ranks share (row assembly's staged
+                rows; on CUDA one strided device-to-host copy per band), so the background only writes them
     background  prepare, assemble, write, agree, publish: the same phases as :func:`hf_storage.save`, on
                 a thread with a dedicated gloo group of the same ranks (created once), or in a writer
                 process per rank (started once, its own gloo group; the host copies in shared memory).
@@ -22,6 +24,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import dataclasses
+import functools
 import math
 import mmap
 import os
@@ -39,7 +42,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import pipeline, settings
+from . import objstore, pipeline, row_assembly, settings
 from .collectives import Group, timeout_of
 from .errors import HFStorageError
 
@@ -86,14 +89,14 @@ class HostCopies:
             self.key = key
         return [pipeline.Chunk(c.fqn, buf, c.shape, c.box) for buf, c in zip(self.buffers, chunks)]
 
-    def fill(self, chunks: list[pipeline.Chunk], gate: Gate | None = None) -> None:
+    def fill(self, chunks: list[pipeline.Chunk], gate: Gate | None = None, first: int = 0) -> None:
         """Copy ``chunks`` into their host copies, in order; ``gate`` learns each one as it is done (CUDA: all
-        at once, after the one synchronisation)."""
+        at once, after the one synchronisation), counting from ``first``."""
         cuda = any(c.data.is_cuda for c in chunks)
         for i, (buf, c) in enumerate(zip(self.buffers, chunks)):
             buf.copy_(c.data, non_blocking=c.data.is_cuda)
             if gate is not None and not cuda and i + 1 < len(chunks):
-                gate.open(i + 1)
+                gate.open(first + i + 1)
         if cuda:
             torch.cuda.synchronize()
 
@@ -266,12 +269,19 @@ class WriterProcess:
         self.sent: tuple | None = None
 
     def run(self, copies: HostCopies, job: pipeline.Job, path, opts: pipeline.Options, gate: Gate):
-        stall = gate.finished()
+        """Hand the writer this save once the foreground is done: the host copies (whole), the staged rows,
+        or the foreground's failure (the writer still attends its collectives and reports it)."""
+        try:
+            stall, failed = gate.finished(), None
+        except HFStorageError as e:
+            stall, failed = 0.0, str(e)
         assert copies.shared is not None
         flat = copies.shared.where if self.sent != copies.shared.where else None
         self.sent = copies.shared.where
-        meta = [(c.fqn, c.shape, c.box, c.data.dtype, at) for c, at in zip(job.chunks, copies.offsets)]
-        job_meta = (job.placed, job.fingerprint, job.layout, meta)
+        ats = [None] * (len(job.chunks) - len(copies.offsets)) + copies.offsets  # staged rows first, no copies
+        meta = [(c.fqn, c.shape, c.box, c.data.dtype, at) for c, at in zip(job.chunks, ats)]
+        rows = job.assembly.handoff() if job.assembly is not None and failed is None else None
+        job_meta = (job.placed, job.fingerprint, job.layout, meta, rows, failed)
         self.conn_out.send(("save", flat, job_meta, os.fspath(path), dataclasses.replace(opts, progress=None), stall))
         status, value = self.conn_in.recv()
         if status == "error":
@@ -317,13 +327,26 @@ def writer_main(fd_in: int, fd_out: int) -> None:
 
 
 def _write_staged(flat: torch.Tensor, job_meta: tuple, path: str, opts: pipeline.Options, stall: float):
-    placed, fingerprint, layout, meta = job_meta
-    chunks = [pipeline.Chunk(f, view(flat, at, dt, box.sizes), shape, box) for f, shape, box, dt, at in meta]
+    placed, fingerprint, layout, meta, rows, failed = job_meta
+    chunks = [pipeline.Chunk(f, _host_view(flat, at, dt, box), shape, box) for f, shape, box, dt, at in meta]
     job = pipeline.Job(placed, chunks, fingerprint, layout=layout)
+    if rows is not None:
+        job.assembly = row_assembly.attach(rows)
+    if failed is not None:
+        job.ready = functools.partial(_failed, failed)
     g = Group(None)
-    desk = pipeline.seat_shared(g, job, opts)
+    desk = pipeline.seat_shared(g, job, opts, assemble=rows is None and failed is None)
     done = pipeline.write_shared(g, job, desk, path, opts, time.perf_counter())
     return pipeline.summary(path, done, stall)
+
+
+def _host_view(flat: torch.Tensor, at: int | None, dtype: torch.dtype, box) -> torch.Tensor:
+    """A chunk's host copy in ``flat``; None ``at``: its rows were staged (size and type only)."""
+    return view(flat, at, dtype, box.sizes) if at is not None else torch.empty(box.sizes, dtype=dtype, device="meta")
+
+
+def _failed(message: str, i: int) -> None:
+    raise HFStorageError(message)
 
 
 _SAVER = _Saver()
@@ -343,28 +366,53 @@ def async_save(
         start = time.perf_counter()
         saver.settle(if_busy)
         g = Group(group)
+        gate, failed = Gate(), None
         with pipeline.gc_paused():  # the caller's thread only; the background part leaves the collector alone
-            job, desk = pipeline.plan_shared(state_dict, opts, g, assemble=mode == "thread")
-            live, job.chunks = job.chunks, saver.copies.prepare(job.chunks, shared=mode == "process")
-        gate = Gate()
-        if mode == "process":
-            saver.copies.fill(live)  # the writer process is handed the copies whole
-            writer = saver.writer_for(g)
+            job, desk = pipeline.plan_shared(state_dict, opts, g, assemble=not objstore.is_uri(os.fspath(path)))
+            writer = saver.writer_for(g) if mode == "process" else None
+            background = Group(saver.group_for(g)) if writer is None else None
+            live, staged = job.chunks, set[str]()
+            try:
+                staged, desk = pipeline.join_staged(g, job, desk)
+            except Exception as e:  # every rank learns it from the background's report
+                gate.fail(e)
+                failed, desk = e, None
+            first = [_placeholder(c) for c in live if c.fqn in staged]  # their host copies are the staged rows
+            rest = [c for c in live if c.fqn not in staged]
+            job.chunks = first + saver.copies.prepare(rest, shared=writer is not None)
+        if writer is not None:
             work: tuple = (writer.run, saver.copies, job, path, opts)
         else:
             job.ready = gate.wait  # the background starts now: it writes each chunk once it is copied
-            work = (_write_here, Group(saver.group_for(g)), job, desk, path, opts)
+            work = (_write_here, background, job, desk, path, opts)
         future = SaveFuture()
         saver.last = future
         saver.executor.submit(_resolve, future, work, gate)
-        try:
-            if mode == "thread":  # overlapping writes with the copy pays only with a core to spare for them
-                saver.copies.fill(live, gate if settings.async_overlap(_local_ranks(g)) else None)
+        if failed is not None:
+            future.observed = True  # the caller gets the error now; the next save does not raise it again
+            raise failed
+        try:  # overlapping writes with the copy pays only with a core to spare for them
+            overlap = gate if writer is None and settings.async_overlap(_local_ranks(g)) else None
+            if job.assembly is not None:
+                job.assembly.stage({c.fqn: (c.data, c.shape, c.box) for c in live if c.fqn in job.assembly.bands})
+                if overlap is not None:
+                    overlap.open(len(first))
+            saver.copies.fill(rest, overlap, len(first))
         except BaseException as e:
             gate.fail(e)
+            future.observed = True
             raise
-        gate.open(len(live), time.perf_counter() - start)
+        finally:
+            if writer is not None and desk is not None:  # the writer process writes the staged rows, unmet
+                job.assembly.close()  # type: ignore[union-attr]
+                desk.close()
+        gate.open(len(job.chunks), time.perf_counter() - start)
     return future
+
+
+def _placeholder(c: pipeline.Chunk) -> pipeline.Chunk:
+    """A chunk whose rows were staged whole: its size and type, no memory of its own."""
+    return pipeline.Chunk(c.fqn, _host_view(c.data, None, c.data.dtype, c.box), c.shape, c.box)
 
 
 def _local_ranks(g: Group) -> int:
@@ -376,8 +424,6 @@ def _local_ranks(g: Group) -> int:
 def _resolve(future: SaveFuture, work: tuple, gate: Gate) -> None:
     fn, *args = work
     try:
-        if fn is not _write_here:
-            gate.finished()  # the writer process takes the copies whole
         future.set_result(fn(*args, gate))
     except BaseException as e:
         future.set_exception(e)

@@ -94,6 +94,58 @@ def as_bytes(t: torch.Tensor) -> memoryview:
     return flat.numpy().data.cast("B")
 
 
+def copy_rows_from_device(dst: torch.Tensor, src: torch.Tensor) -> bool:
+    """Copy CUDA ``src`` into the host view ``dst`` (same shape and dtype) as one strided device-to-host copy
+    (``cudaMemcpy2DAsync`` on the current stream; the caller synchronises), where each leading-dimension row of
+    both is one contiguous run; torch's own ``copy_`` would copy into a temporary first. False (nothing done)
+    where that does not hold or the CUDA runtime is not reachable: the caller copies another way."""
+    if dst.shape != src.shape or dst.dtype != src.dtype or dst.dim() == 0 or dst.numel() == 0:
+        return False
+    if not (_rows_are_runs(dst) and _rows_are_runs(src)):
+        return False
+    memcpy2d = _cuda_memcpy2d()
+    if memcpy2d is None:
+        return False
+    item = dst.element_size()
+    width = math.prod(dst.shape[1:]) * item
+    dpitch = dst.stride(0) * item if dst.shape[0] > 1 else width
+    spitch = src.stride(0) * item if src.shape[0] > 1 else width
+    with torch.cuda.device(src.device):
+        stream = torch.cuda.current_stream().cuda_stream
+        err = memcpy2d(dst.data_ptr(), dpitch, src.data_ptr(), spitch, width, dst.shape[0], 2, stream)
+    if err != 0:
+        raise RuntimeError(f"cudaMemcpy2DAsync (device to host, {dst.shape[0]} rows of {width} bytes) failed: {err}")
+    return True
+
+
+def _rows_are_runs(t: torch.Tensor) -> bool:
+    """Each ``t[i]`` is one contiguous run of memory, rows spaced by a stride of at least a row."""
+    row = t[0] if t.dim() > 1 else t.reshape(1, -1)[0]
+    return row.is_contiguous() and (t.shape[0] <= 1 or t.stride(0) >= row.numel())
+
+
+_MEMCPY2D: list = []
+
+
+def _cuda_memcpy2d():
+    """``cudaMemcpy2DAsync`` of the CUDA runtime torch loaded (found in this process's mappings), or None."""
+    if not _MEMCPY2D:
+        fn = None
+        try:
+            with open("/proc/self/maps") as f:
+                paths = {line.split()[-1] for line in f if "libcudart" in line}
+            for path in sorted(paths):
+                fn = ctypes.CDLL(path).cudaMemcpy2DAsync
+                fn.restype = ctypes.c_int
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t]
+                fn.argtypes += [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+                break
+        except (OSError, AttributeError):
+            fn = None
+        _MEMCPY2D.append(fn)
+    return _MEMCPY2D[0]
+
+
 def pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
     while buf:
         n = os.pwrite(fd, buf, offset)

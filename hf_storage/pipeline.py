@@ -91,6 +91,7 @@ class Job:
     mates: dict[int, row_assembly.Seat] = field(default_factory=dict)  # this node's ranks in row assembly
     layout: Layout | None = None  # the whole layout, where this rank planned it
     ready: Callable[[int], None] | None = None  # async: returns once chunk i's host copy is made
+    assembly: row_assembly.Assembly | None = None  # async: row assembly joined when the rows were staged
 
 
 # -- messages between the ranks ------------------------------------------------------------------
@@ -569,9 +570,29 @@ def _desk_for(job: Job, opts: Options, g: Group) -> row_assembly.Desk | None:
     return row_assembly.Desk(row_assembly.slot_size(opts.budget)) if job.parts else None
 
 
-def seat_shared(g: Group, job: Job, opts: Options) -> row_assembly.Desk | None:
-    """Row assembly's seats alone, in one all-gather: for a process that writes what another one planned."""
-    desk = _desk_for(job, opts, g)
+def join_staged(g: Group, job: Job, desk: row_assembly.Desk | None) -> tuple[set[str], row_assembly.Desk | None]:
+    """Async (thread mode): join this node's row assembly at once, with the rows staged in memory the node
+    shares (:meth:`row_assembly.Assembly.stage` fills it). Returns the tensors whose chunk rows all go there
+    (they need no other host copy), and the desk, None where there is nothing to assemble."""
+    if desk is None:
+        return set(), None
+    try:
+        job.assembly = row_assembly.join(g.rank, desk, job.mates, job.parts, g.timeout(), staged=True)
+    except BaseException:
+        desk.close()
+        raise
+    if job.assembly is None:
+        desk.close()
+        return set(), None
+    bands = job.assembly.bands
+    whole = {c.fqn for c in job.chunks if c.fqn in bands and not row_assembly.direct_rows(c.box.sizes[0], bands[c.fqn])}
+    return whole, desk
+
+
+def seat_shared(g: Group, job: Job, opts: Options, assemble: bool = True) -> row_assembly.Desk | None:
+    """Row assembly's seats alone, in one all-gather: for a process that writes what another one planned
+    (``assemble`` False: this rank takes no part, but attends)."""
+    desk = _desk_for(job, opts, g) if assemble else None
     seats = g.all_gather(desk.seat if desk else None)
     if desk is not None:
         job.mates = {r: s for r, s in enumerate(seats) if s is not None and s.node == desk.seat.node}
@@ -610,7 +631,9 @@ def _write_report(
     """Row assembly with this node's ranks, then the writes; a local failure becomes the report.
     Returns it with the bytes that went through row assembly."""
     try:
-        assembly = row_assembly.join(g.rank, desk, job.mates, job.parts, g.timeout()) if desk else None
+        assembly = job.assembly
+        if assembly is None and desk is not None:
+            assembly = row_assembly.join(g.rank, desk, job.mates, job.parts, g.timeout())
         tally = write(job, prepared, opts, assembly)
     except PeerFailure:
         raise  # a peer is gone: no collective can complete, so there is nobody to report to

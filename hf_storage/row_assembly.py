@@ -16,6 +16,11 @@ node's schedule from the parts (a pure function, the same on every rank of the n
 the control words. A rank that fails marks itself failed and its node mates stop waiting for it; a rank
 that dies is seen dead by its pid. Memory goes with the last process that holds it: a killed save leaves
 nothing behind. The slots of a process persist across saves, so their pages are set up once per job.
+
+An async save *stages* into the rows instead (:func:`join` with ``staged=True``): the node's host rank holds
+one buffer with room for every band of the node (the node's column shards, once), the ranks copy their shards
+straight into their positions there while training waits (device-to-host as one 2-D copy per band on CUDA),
+and the background part only writes. The buffer is kept for the next save of the same state.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from .errors import HFStorageError, PeerFailure
 SLOT_MAX = 32 * 2**20  # bytes per slot; the node's host maps two
 _ALIGN = 64  # bands start on this boundary in a slot, so any dtype can view them
 _FAILED = 2**62  # a control word: this rank gave up; nobody waits for it
-_DESK_DATA = 4096  # parts JSON starts here; the control word is at 0
+_DESK_DATA = 4096  # parts JSON starts here; the control word is at 0, the staged rows' fd and inode at 8
+_UNBOUNDED = 2**62  # a slot size for one round holding every band (staged rows)
 _DEFAULT_TIMEOUT = timedelta(minutes=10)
 
 
@@ -182,20 +188,28 @@ def _pack(bands: list[_Band], slot: int) -> list[list[tuple[int, _Band]]]:
             rounds.append([])
             used = 0
         rounds[-1].append((used, b))
-        used += -(-n // _ALIGN) * _ALIGN
+        used += _aligned(n)
     return rounds
 
 
-def schedule(parts: Sequence[Sequence[Part]], nodes: Sequence[object], slot: int) -> list[Schedule]:
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def schedule(parts: Sequence[Sequence[Part]], nodes: Sequence[object], slot: int | None) -> list[Schedule]:
     """Every rank's schedule. ``parts[r]``: rank r's parts that :func:`wanted`; ``nodes[r]``: its node (None:
-    it takes no part). Each round's bytes on a node are split evenly over the ranks owning a band of it."""
+    it takes no part). Each round's bytes on a node are split evenly over the ranks owning a band of it.
+    ``slot`` None: one round with room for every band (its size is the schedule's ``slot``)."""
     world = len(parts)
     owners: dict[str, list[tuple[int, Part]]] = defaultdict(list)
     for r, mine in enumerate(parts):
         if nodes[r] is not None:
             for p in mine:
                 owners[p.fqn].append((r, p))
-    rounds = _pack(_bands(owners, nodes, slot), slot)
+    bands = _bands(owners, nodes, slot or _UNBOUNDED)
+    if slot is None:
+        slot = max(_ALIGN, sum(_aligned((b.hi - b.lo) * b.row_bytes) for b in bands))
+    rounds = _pack(bands, slot)
     copies: list[list[Copy]] = [[] for _ in range(world)]
     writes: list[list[Write]] = [[] for _ in range(world)]
     handed: list[dict[str, list[tuple[int, int]]]] = [defaultdict(list) for _ in range(world)]
@@ -274,24 +288,37 @@ class _Memfd:
 
 
 class Slots:
-    """This process's two slots: a memfd mapped shared; the node's host reserves its pages before use."""
+    """This process's ``count`` slots (two that alternate; one for staged rows): a memfd mapped shared; the node's
+    host reserves its pages before use."""
 
-    def __init__(self, slot: int, owner: Seat | None = None):
-        self.slot = slot
-        self.file = _Memfd(2 * slot, owner, owner.slots if owner else None)
-        self._map = mmap.mmap(self.file.fd, 2 * slot, flags=mmap.MAP_SHARED)
+    def __init__(self, slot: int, owner: Seat | None = None, fd: int | None = None, count: int = 2):
+        self.slot, self.count = slot, count
+        self.file = _Memfd(count * slot, owner, fd if fd is not None else (owner.slots if owner else None))
+        self.owner = owner.pid if owner else os.getpid()  # the process that made it, and its fd there
+        self.owner_fd = (fd if fd is not None else owner.slots) if owner else self.file.fd
+        self.ino = os.fstat(self.file.fd).st_ino  # which memfd this is, whatever fd number it had
+        self._map = mmap.mmap(self.file.fd, count * slot, flags=mmap.MAP_SHARED)
         self.buf = torch.frombuffer(self._map, dtype=torch.uint8)
         self.bytes = memoryview(self._map)
+        self.pinned = False
 
     def reserve(self) -> None:
         """Reserve the pages (a full memory cgroup is then an error here, not a SIGBUS later)."""
-        engine.preallocate(self.file.fd, 2 * self.slot)
+        engine.preallocate(self.file.fd, self.count * self.slot)
+
+    def pin(self) -> None:
+        """Page-lock the mapping in this process, once: device-to-host copies into it then run at full speed."""
+        if not self.pinned:
+            torch.cuda.cudart().cudaHostRegister(self.buf.data_ptr(), self.buf.numel(), 0)
+            self.pinned = True
 
     def view(self, k: int, buf: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
-        at = (k % 2) * self.slot + buf
+        at = (k % self.count) * self.slot + buf
         return self.buf[at : at + nbytes].view(dtype)
 
     def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
         del self.buf
         self.bytes.release()
         try:
@@ -303,6 +330,7 @@ class Slots:
 
 _OWN: dict[int, Slots] = {}  # slot size -> this process's slots (kept for the next save)
 _MATES: dict[tuple[int, int], Slots] = {}  # (pid, fd) -> a host's slots as mapped here (kept too)
+_STAGED: dict[int, Slots] = {}  # pid -> staged rows, this process's own or a host's as mapped here (kept too)
 
 
 def own_slots(slot: int) -> Slots:
@@ -311,12 +339,42 @@ def own_slots(slot: int) -> Slots:
     return _OWN[slot]
 
 
+def _own_rows(size: int) -> Slots:
+    """This process's staged rows of ``size`` bytes: reused while the size repeats, reserved when made."""
+    me = os.getpid()
+    rows = _STAGED.get(me)
+    if rows is None or rows.slot != size:
+        if rows is not None:
+            rows.close()
+        rows = _STAGED[me] = Slots(size, count=1)
+        rows.reserve()
+    return rows
+
+
+def _host_rows(pid: int, fd: int, ino: int, size: int) -> Slots:
+    """Process ``pid``'s staged rows (its ``fd``, inode ``ino``) as mapped here, mapped anew only when it made
+    new ones."""
+    if pid == os.getpid():
+        return _STAGED[pid]
+    rows = _STAGED.pop(pid, None)
+    if rows is None or (rows.ino, rows.slot) != (ino, size):
+        if rows is not None:
+            rows.close()
+        rows = Slots(size, Seat("", pid, -1, -1), fd, count=1)
+        if rows.ino != ino:
+            rows.close()
+            raise OSError(f"the staged rows of process {pid} were replaced while being opened")
+    _STAGED[pid] = rows
+    return rows
+
+
 def release() -> None:
     """Unmap every slot this process keeps (they also go when the process exits)."""
-    for s in (*_OWN.values(), *_MATES.values()):
+    for s in (*_OWN.values(), *_MATES.values(), *_STAGED.values()):
         s.close()
     _OWN.clear()
     _MATES.clear()
+    _STAGED.clear()
 
 
 class Desk:
@@ -334,8 +392,18 @@ class Desk:
         os.ftruncate(self.file.fd, _DESK_DATA + len(data))
         os.pwrite(self.file.fd, data, _DESK_DATA)
 
+    def post_rows(self, rows: Slots) -> None:
+        """As the node's host: where the mates find the staged rows."""
+        os.pwrite(self.file.fd, np.array([rows.file.fd, rows.ino], dtype=np.int64).tobytes(), 8)
+
     def close(self) -> None:
         self.file.close()
+
+
+def _posted_rows(fd: int) -> tuple[int, int]:
+    """The staged rows' ``(fd, inode)`` a host posted in its desk ``fd``."""
+    rows_fd, ino = np.frombuffer(os.pread(fd, 16, 8), dtype=np.int64).tolist()
+    return rows_fd, ino
 
 
 def _read_parts(fd: int) -> list[Part]:
@@ -408,15 +476,40 @@ def _alive(pid: int) -> bool:
 
 @dataclass
 class Assembly:
-    """This rank's part of its node's row assembly for one save; :meth:`run` after the direct writes start."""
+    """This rank's part of its node's row assembly for one save; :meth:`run` after the direct writes start.
+    ``staged``: the rows were copied in before, by :meth:`stage`, and :meth:`run` only writes (in this process,
+    or in a writer process that :func:`attach` es to the rows: ``meeting`` None there)."""
 
-    meeting: _Meeting
+    meeting: _Meeting | None
     schedule: Schedule
     slots: Slots
+    staged: bool = False
 
     @property
     def bands(self) -> Mapping[str, tuple[tuple[int, int], ...]]:
         return self.schedule.bands
+
+    def stage(self, chunks: Mapping[str, tuple[torch.Tensor, tuple[int, ...], Box]]) -> None:
+        """Copy this rank's bands into the staged rows (CUDA: one strided copy per band, one synchronisation),
+        then meet the node's ranks: when this returns, every rank's rows are in place."""
+        assert self.meeting is not None
+        try:
+            cuda = any(data.is_cuda for data, _, _ in chunks.values())
+            if cuda:
+                self.slots.pin()
+            for c in self.schedule.copies:
+                _copy_in(self.slots, c.round, c, chunks[c.fqn])
+            if cuda:
+                torch.cuda.synchronize()
+            self.meeting.meet(3)
+        except BaseException:
+            self.meeting.mark(_FAILED)
+            raise
+
+    def handoff(self) -> tuple:
+        """What a writer process of this node needs to write this rank's shares of the staged rows."""
+        rows = self.slots
+        return (rows.owner, rows.owner_fd, rows.ino, rows.slot, self.schedule)
 
     def run(
         self,
@@ -426,7 +519,7 @@ class Assembly:
         checksums: bool,
         progress: Callable[[int], None] | None = None,
     ) -> dict[str, list]:
-        """Copy this rank's bands in, write its shares out, round by round. Returns per tensor
+        """Copy this rank's bands in (unless staged), write its shares out, round by round. Returns per tensor
         ``[bytes, CRC share or None]`` of what it wrote. On any error the rank marks itself failed first."""
         s = self.schedule
         copies, writes = _by_round(s.copies, s.rounds), _by_round(s.writes, s.rounds)
@@ -435,29 +528,44 @@ class Assembly:
             with engine.IOPool(threads) as pool:
                 for k in range(s.rounds):
                     for c in copies[k]:
-                        n = _copy_in(self.slots, k, c, chunks[c.fqn])
+                        n = _copied(c, chunks[c.fqn]) if self.staged else _copy_in(self.slots, k, c, chunks[c.fqn])
                         if progress is not None:
                             progress(n)  # this rank's own bytes, as for the ones it writes directly
-                    pool.drain()  # this rank's writes of round k-1: the slot they read is refilled next
-                    self.meeting.meet(k + 2)
+                    if not self.staged:  # staged rows met when they were staged
+                        pool.drain()  # this rank's writes of round k-1: the slot they read is refilled next
+                        self.meeting.meet(k + 2)  # type: ignore[union-attr]
                     _write_out(pool, self.slots, k, writes[k], fd_of, written, checksums)
         except BaseException:
-            self.meeting.mark(_FAILED)
+            self.fail()
             raise
         return {f: [n, None if acc is None else acc.contribution(total)] for f, (n, acc, total) in written.items()}
 
     def fail(self) -> None:
-        self.meeting.mark(_FAILED)
+        if self.meeting is not None:
+            self.meeting.mark(_FAILED)
 
     def close(self) -> None:
-        self.meeting.close()
+        if self.meeting is not None:
+            self.meeting.close()
+
+
+def attach(handoff: tuple) -> Assembly:
+    """In a writer process of the node: the staged rows a rank's :meth:`Assembly.handoff` describes, to write."""
+    owner, fd, ino, size, plan = handoff
+    return Assembly(None, plan, _host_rows(owner, fd, ino, size), staged=True)
 
 
 def join(
-    me: int, desk: Desk, mates: Mapping[int, Seat], parts: Sequence[Part], timeout: timedelta | None
+    me: int,
+    desk: Desk,
+    mates: Mapping[int, Seat],
+    parts: Sequence[Part],
+    timeout: timedelta | None,
+    staged: bool = False,
 ) -> Assembly | None:
     """Post this rank's parts, meet its node mates (``mates``: rank -> seat, this rank included), and plan the
-    node's schedule. None when there is nothing to assemble. Marks the desk failed on any error."""
+    node's schedule. None when there is nothing to assemble. Marks the desk failed on any error. ``staged``
+    (every rank of the node alike): one round in staged rows that the node's host makes, for :meth:`stage`."""
     desk.post(parts)
     meeting = None
     try:
@@ -465,11 +573,19 @@ def join(
         meeting.meet(1)  # every mate has posted its parts and opened the others' desks (desks start at 0)
         ranks = sorted(mates)
         node_parts = [_parts_of(r, meeting.files[r]) for r in ranks]
-        plan = schedule(node_parts, ["node"] * len(ranks), desk.slot)[ranks.index(me)]
+        plan = schedule(node_parts, ["node"] * len(ranks), None if staged else desk.slot)[ranks.index(me)]
         if plan.rounds == 0:
             meeting.close()
             return None
-        return Assembly(meeting, plan, _host_slots(me, ranks[0], mates[ranks[0]], desk.slot))
+        if not staged:
+            return Assembly(meeting, plan, _host_slots(me, ranks[0], mates[ranks[0]], desk.slot))
+        if me == ranks[0]:
+            rows = _own_rows(plan.slot)
+            desk.post_rows(rows)
+        meeting.meet(2)  # the host's staged rows are there
+        if me != ranks[0]:
+            rows = _host_rows(mates[ranks[0]].pid, *_posted_rows(meeting.files[ranks[0]]), plan.slot)
+        return Assembly(meeting, plan, rows, staged=True)
     except BaseException:
         desk_fail = meeting or _Meeting(me, desk, {me: mates[me]}, timeout)
         desk_fail.mark(_FAILED)
@@ -512,8 +628,15 @@ def _copy_in(slots: Slots, k: int, c: Copy, chunk) -> int:
     for d in range(1, len(shape)):
         band = band.narrow(d, box.offsets[d], box.sizes[d])
     src = data.narrow(0, c.row0, c.rows)
-    band.copy_(src)
+    if not (src.is_cuda and engine.copy_rows_from_device(band, src)):
+        band.copy_(src)
     return src.numel() * src.element_size()
+
+
+def _copied(c: Copy, chunk) -> int:
+    """Bytes of copy ``c`` (made when the rows were staged)."""
+    data, _, box = chunk
+    return c.rows * math.prod(box.sizes[1:]) * data.element_size()
 
 
 def _write_out(

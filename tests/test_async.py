@@ -68,6 +68,100 @@ def test_five_async_saves_in_a_row_each_equal_to_the_state_at_its_step(tmp_path,
     assert all(r["held"] > 0 for r in results)
 
 
+def _staged_columns(rank: int, world: int, root: str, mesh_shape: tuple[int, ...], mode: str) -> dict:
+    """Saves of column shards (and a 2-D mesh's boxes): who copies into the node's rows, and which rows."""
+    import threading
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from hf_storage import row_assembly
+
+    copiers = []
+    real = row_assembly._copy_in
+
+    def counted(*a):
+        copiers.append(threading.current_thread() is threading.main_thread())
+        return real(*a)
+
+    row_assembly._copy_in = counted
+    mesh = init_device_mesh("cpu", mesh_shape)
+    places = [Shard(1)] if len(mesh_shape) == 1 else [Shard(0), Shard(1)]
+    kinds = {"cols": places, "rows": [Shard(0)] + [Replicate()] * (len(mesh_shape) - 1)}
+    shapes = {"cols": (48, 4096), "rows": (64, 32)}  # cols: runs of 2-4 KiB, row assembly takes them
+    rows_seen, assembled = [], []
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        full = {k: torch.randn(shapes[k], generator=g).bfloat16() for k in shapes}
+        sd = {k: distribute_tensor(full[k], mesh, kinds[k]) for k in full}
+        assembled.append(hf_storage.async_save(sd, f"{root}/s{step}", mode=mode).result().assembled_bytes)
+        rows_seen.append({pid: s.ino for pid, s in row_assembly._STAGED.items()})
+    host_copies = sum(b.numel() * b.element_size() for b in hf_storage.background._SAVER.copies.buffers)
+    return {"copiers": copiers, "rows": rows_seen, "assembled": assembled, "host_copies": host_copies}
+
+
+@pytest.mark.parametrize(
+    "mesh_shape,mode",
+    [((2,), "thread"), ((2, 2), "thread"), ((2,), "process")],
+    ids=["columns-2-thread", "mesh-2x2-thread", "columns-2-process"],
+)
+def test_column_shards_are_staged_straight_into_the_nodes_rows(tmp_path, mesh_shape, mode):
+    """The foreground copies each column shard into its place in whole rows that the node shares; the background
+    (thread, or writer process) copies nothing and only writes; there is no other host copy of the column shards;
+    the rows are made once and reused; every checkpoint is bitwise right."""
+    world = len(mesh_shape) * 2
+    results = run_ranks(_staged_columns, world, str(tmp_path), mesh_shape, mode, timeout=240)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        want = {"cols": torch.randn(48, 4096, generator=g).bfloat16(), "rows": torch.randn(64, 32, generator=g)}
+        got = loaded(tmp_path / f"s{step}")
+        assert torch.equal(got["cols"], want["cols"]) and torch.equal(got["rows"], want["rows"].bfloat16())
+        assert verify(tmp_path / f"s{step}").ok
+    local_cols = 48 * 4096 * 2 // world
+    for r in results:
+        assert r["copiers"] and all(r["copiers"]), "a copy into the rows ran on the background thread"
+        assert r["assembled"] == [local_cols] * 3
+        assert r["rows"][0] and r["rows"][0] == r["rows"][1] == r["rows"][2], "the staged rows were made anew"
+        assert r["host_copies"] < local_cols, "the column shards also got host copies of their own"
+
+
+def _staging_fails_on_rank1(rank: int, world: int, root: str, mode: str) -> list[str]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from hf_storage import row_assembly
+
+    real = row_assembly._copy_in
+
+    def broken(*a):
+        raise OSError("staging broke")
+
+    mesh = init_device_mesh("cpu", (world,))
+    sd = {"w": distribute_tensor(torch.randn(16, 4096, generator=torch.Generator().manual_seed(5)), mesh, [Shard(1)])}
+    out = []
+    row_assembly._copy_in = broken if rank == 1 else real
+    try:
+        fut = hf_storage.async_save(sd, f"{root}/bad", mode=mode)
+        fut.result()
+        out.append("no error")
+    except (hf_storage.HFStorageError, OSError) as e:
+        out.append(f"{type(e).__name__}: {e}")
+    row_assembly._copy_in = real  # the caller has had its error: the next save is not refused with it again
+    out.append(str(hf_storage.async_save(sd, f"{root}/good", mode=mode).result().assembled_bytes))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_a_failed_staging_copy_fails_the_save_on_every_rank_and_publishes_nothing(tmp_path, mode):
+    r0, r1 = run_ranks(_staging_fails_on_rank1, 2, str(tmp_path), mode, timeout=240)
+    assert r1[0] == "OSError: staging broke", r1
+    assert r0[0].startswith(("HFStorageError", "SaveError")) and "rank 1" in r0[0], r0  # the call or its future
+    assert not (tmp_path / "bad" / "model.safetensors.index.json").exists()
+    assert r0[1] == r1[1] == str(16 * 4096 * 4 // 2)
+    want = torch.randn(16, 4096, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(loaded(tmp_path / "good")["w"], want)
+
+
 def _background_error(rank: int, world: int, root: str) -> list[str]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
