@@ -328,6 +328,8 @@ def _record(every: list[list]) -> dict:
 def _series(fn, state, env: Env, s: AsyncSettings, counter) -> dict:
     """``s.series`` saves in a row with the RSS of the rank (and its children) sampled throughout."""
     rank = env.o.rank
+    _drop_staged_rows()
+    _gather([None])  # every rank has dropped them before any rank measures
     R._trim()
     runs, peaks, kept = [], [], []
     with TreePeak() as mem:
@@ -350,6 +352,14 @@ def _series(fn, state, env: Env, s: AsyncSettings, counter) -> dict:
         "kept_last_mb": mb[4],
         "peaks_mb": [[p / 1e6 for p in v] for v in _gather(peaks)],
     }
+
+
+def _drop_staged_rows() -> None:
+    """The rows an async save stages column shards into are kept for the next save, whatever its mode: each
+    contender's series starts without them, so that it counts them as a job using it alone would."""
+    from hf_storage import row_assembly
+
+    row_assembly.release()
 
 
 def _rep(fns: dict, names: list[str], state, env: Env, s: AsyncSettings, counter, rep: int) -> dict:

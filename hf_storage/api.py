@@ -82,7 +82,8 @@ def async_save(
     **kwargs,
 ) -> Future[SaveSummary]:
     """Save like :func:`save`, but return once this rank's shards are copied to host memory; the checkpoint is
-    written on a background thread. Call on every rank.
+    written on a background thread. Call on every rank. Column shards are copied straight into whole rows that
+    the node's ranks share (on CUDA with strided device-to-host copies), so the background only writes them.
 
     Args:
         state_dict, path: as for :func:`save`.

@@ -571,9 +571,10 @@ def _desk_for(job: Job, opts: Options, g: Group) -> row_assembly.Desk | None:
 
 
 def join_staged(g: Group, job: Job, desk: row_assembly.Desk | None) -> tuple[set[str], row_assembly.Desk | None]:
-    """Async (thread mode): join this node's row assembly at once, with the rows staged in memory the node
-    shares (:meth:`row_assembly.Assembly.stage` fills it). Returns the tensors whose chunk rows all go there
-    (they need no other host copy), and the desk, None where there is nothing to assemble."""
+    """Async: join this node's row assembly at once, with the rows staged in memory the node shares
+    (:meth:`row_assembly.Assembly.stage` fills it; the background thread or writer process only writes them).
+    Returns the tensors whose chunk rows all go there (they need no other host copy), and the desk, None where
+    there is nothing to assemble."""
     if desk is None:
         return set(), None
     try:
