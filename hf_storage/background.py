@@ -365,49 +365,75 @@ def async_save(
     with saver.lock:
         start = time.perf_counter()
         saver.settle(if_busy)
-        g = Group(group)
-        gate, failed = Gate(), None
-        with pipeline.gc_paused():  # the caller's thread only; the background part leaves the collector alone
-            job, desk = pipeline.plan_shared(state_dict, opts, g, assemble=not objstore.is_uri(os.fspath(path)))
-            writer = saver.writer_for(g) if mode == "process" else None
-            background = Group(saver.group_for(g)) if writer is None else None
-            live, staged = job.chunks, set[str]()
-            try:
-                staged, desk = pipeline.join_staged(g, job, desk)
-            except Exception as e:  # every rank learns it from the background's report
-                gate.fail(e)
-                failed, desk = e, None
-            first = [_placeholder(c) for c in live if c.fqn in staged]  # their host copies are the staged rows
-            rest = [c for c in live if c.fqn not in staged]
-            job.chunks = first + saver.copies.prepare(rest, shared=writer is not None)
+        g, gate = Group(group), Gate()
+        job, desk, live, rest, writer, failed = _plan(saver, state_dict, path, opts, g, mode, gate)
         if writer is not None:
             work: tuple = (writer.run, saver.copies, job, path, opts)
         else:
             job.ready = gate.wait  # the background starts now: it writes each chunk once it is copied
-            work = (_write_here, background, job, desk, path, opts)
+            work = (_write_here, Group(saver.group_for(g)), job, desk, path, opts)
         future = SaveFuture()
         saver.last = future
         saver.executor.submit(_resolve, future, work, gate)
         if failed is not None:
             future.observed = True  # the caller gets the error now; the next save does not raise it again
             raise failed
-        try:  # overlapping writes with the copy pays only with a core to spare for them
-            overlap = gate if writer is None and settings.async_overlap(_local_ranks(g)) else None
-            if job.assembly is not None:
-                job.assembly.stage({c.fqn: (c.data, c.shape, c.box) for c in live if c.fqn in job.assembly.bands})
-                if overlap is not None:
-                    overlap.open(len(first))
-            saver.copies.fill(rest, overlap, len(first))
-        except BaseException as e:
-            gate.fail(e)
-            future.observed = True
-            raise
-        finally:
-            if writer is not None and desk is not None:  # the writer process writes the staged rows, unmet
-                job.assembly.close()  # type: ignore[union-attr]
-                desk.close()
+        overlap = gate if writer is None and settings.async_overlap(_local_ranks(g)) else None
+        _copy(saver.copies, job, live, rest, overlap, gate, future, desk if writer is not None else None)
         gate.open(len(job.chunks), time.perf_counter() - start)
     return future
+
+
+def _plan(saver: _Saver, state_dict: Mapping, path, opts: pipeline.Options, g: Group, mode: str, gate: Gate) -> tuple:
+    """Plan (one all-gather), meet the writer processes (``mode="process"``, the first time), join the node's
+    staged rows. Returns ``(job, desk, live chunks, chunks to copy, writer, failure)``; the job's chunks are
+    then the staged ones (placeholders) first, then the host copies of the rest. A failure to join fails
+    ``gate`` and is returned: the background still runs, to report it."""
+    failed, staged = None, set[str]()
+    with pipeline.gc_paused():  # the caller's thread only; the background part leaves the collector alone
+        job, desk = pipeline.plan_shared(state_dict, opts, g, assemble=not objstore.is_uri(os.fspath(path)))
+        writer = saver.writer_for(g) if mode == "process" else None
+        live = job.chunks
+        try:
+            staged, desk = pipeline.join_staged(g, job, desk)
+        except Exception as e:  # every rank learns it from the background's report
+            gate.fail(e)
+            failed, desk = e, None
+        first = [_placeholder(c) for c in live if c.fqn in staged]  # their host copies are the staged rows
+        rest = [c for c in live if c.fqn not in staged]
+        job.chunks = first + saver.copies.prepare(rest, shared=writer is not None)
+    return job, desk, live, rest, writer, failed
+
+
+def _copy(
+    copies: HostCopies,
+    job: pipeline.Job,
+    live: list,
+    rest: list,
+    overlap: Gate | None,
+    gate: Gate,
+    future: SaveFuture,
+    desk,
+) -> None:
+    """The stall: the column shards into the staged rows, then the rest into their host copies (``overlap``: the
+    background learns each chunk as it is done). A failure fails ``gate`` (the background reports it on every
+    rank) and is raised here, to the caller, once. ``desk``: closed at the end (a writer process writes the
+    staged rows without meeting)."""
+    first = len(job.chunks) - len(rest)
+    try:
+        if job.assembly is not None:
+            job.assembly.stage({c.fqn: (c.data, c.shape, c.box) for c in live if c.fqn in job.assembly.bands})
+            if overlap is not None:
+                overlap.open(first)
+        copies.fill(rest, overlap, first)
+    except BaseException as e:
+        gate.fail(e)
+        future.observed = True
+        raise
+    finally:
+        if desk is not None:
+            job.assembly.close()  # type: ignore[union-attr]
+            desk.close()
 
 
 def _placeholder(c: pipeline.Chunk) -> pipeline.Chunk:
