@@ -341,8 +341,13 @@ def _write_staged(flat: torch.Tensor, job_meta: tuple, path: str, opts: pipeline
 
 
 def _host_view(flat: torch.Tensor, at: int | None, dtype: torch.dtype, box) -> torch.Tensor:
-    """A chunk's host copy in ``flat``; None ``at``: its rows were staged (size and type only)."""
-    return view(flat, at, dtype, box.sizes) if at is not None else torch.empty(box.sizes, dtype=dtype, device="meta")
+    """A chunk's host copy in ``flat``; None ``at``: its rows were staged (see :func:`_staged`)."""
+    return view(flat, at, dtype, box.sizes) if at is not None else _staged(dtype, box)
+
+
+def _staged(dtype: torch.dtype, box) -> torch.Tensor:
+    """The data of a chunk whose rows were staged whole: its size and type, no memory of its own."""
+    return torch.empty(box.sizes, dtype=dtype, device="meta")
 
 
 def _failed(message: str, i: int) -> None:
@@ -437,8 +442,7 @@ def _copy(
 
 
 def _placeholder(c: pipeline.Chunk) -> pipeline.Chunk:
-    """A chunk whose rows were staged whole: its size and type, no memory of its own."""
-    return pipeline.Chunk(c.fqn, _host_view(c.data, None, c.data.dtype, c.box), c.shape, c.box)
+    return pipeline.Chunk(c.fqn, _staged(c.data.dtype, c.box), c.shape, c.box)
 
 
 def _local_ranks(g: Group) -> int:

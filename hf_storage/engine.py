@@ -133,13 +133,12 @@ def _cuda_memcpy2d():
         fn = None
         try:
             with open("/proc/self/maps") as f:
-                paths = {line.split()[-1] for line in f if "libcudart" in line}
-            for path in sorted(paths):
-                fn = ctypes.CDLL(path).cudaMemcpy2DAsync
+                paths = sorted({line.split()[-1] for line in f if "libcudart" in line})
+            if paths:
+                fn = ctypes.CDLL(paths[0]).cudaMemcpy2DAsync
                 fn.restype = ctypes.c_int
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t]
-                fn.argtypes += [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-                break
+                size, ptr = ctypes.c_size_t, ctypes.c_void_p
+                fn.argtypes = [ptr, size, ptr, size, size, size, ctypes.c_int, ptr]
         except (OSError, AttributeError):
             fn = None
         _MEMCPY2D.append(fn)

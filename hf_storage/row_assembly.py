@@ -273,12 +273,13 @@ def direct_rows(rows: int, handed: Sequence[tuple[int, int]]) -> list[tuple[int,
 class _Memfd:
     """An anonymous shared memory file of this process, or one of a mate's opened through ``/proc``."""
 
-    def __init__(self, size: int, owner: Seat | None = None, fd: int | None = None):
-        if owner is None:
+    def __init__(self, size: int, at: tuple[int, int] | None = None):
+        """A new memfd of ``size`` bytes, or ``at = (pid, fd)``: that process's, opened here."""
+        if at is None:
             self.fd = os.memfd_create("hf_storage", os.MFD_CLOEXEC)
             os.ftruncate(self.fd, size)
         else:
-            self.fd = os.open(f"/proc/{owner.pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+            self.fd = os.open(f"/proc/{at[0]}/fd/{at[1]}", os.O_RDWR | os.O_CLOEXEC)
         self.size = os.fstat(self.fd).st_size
 
     def close(self) -> None:
@@ -291,11 +292,11 @@ class Slots:
     """This process's ``count`` slots (two that alternate; one for staged rows): a memfd mapped shared; the node's
     host reserves its pages before use."""
 
-    def __init__(self, slot: int, owner: Seat | None = None, fd: int | None = None, count: int = 2):
+    def __init__(self, slot: int, at: tuple[int, int] | None = None, count: int = 2):
+        """New slots, or ``at = (pid, fd)``: those another process made, mapped here."""
         self.slot, self.count = slot, count
-        self.file = _Memfd(count * slot, owner, fd if fd is not None else (owner.slots if owner else None))
-        self.owner = owner.pid if owner else os.getpid()  # the process that made it, and its fd there
-        self.owner_fd = (fd if fd is not None else owner.slots) if owner else self.file.fd
+        self.file = _Memfd(count * slot, at)
+        self.at = at or (os.getpid(), self.file.fd)  # the process that made it, and its fd there
         self.ino = os.fstat(self.file.fd).st_ino  # which memfd this is, whatever fd number it had
         self._map = mmap.mmap(self.file.fd, count * slot, flags=mmap.MAP_SHARED)
         self.buf = torch.frombuffer(self._map, dtype=torch.uint8)
@@ -360,7 +361,7 @@ def _host_rows(pid: int, fd: int, ino: int, size: int) -> Slots:
     if rows is None or (rows.ino, rows.slot) != (ino, size):
         if rows is not None:
             rows.close()
-        rows = Slots(size, Seat("", pid, -1, -1), fd, count=1)
+        rows = Slots(size, (pid, fd), count=1)
         if rows.ino != ino:
             rows.close()
             raise OSError(f"the staged rows of process {pid} were replaced while being opened")
@@ -420,7 +421,7 @@ class _Meeting:
         self.timeout = (timeout or _DEFAULT_TIMEOUT).total_seconds()
         self.files: dict[int, int] = {}
         for r, seat in self.seats.items():
-            self.files[r] = desk.file.fd if r == me else _Memfd(0, seat, seat.desk).fd
+            self.files[r] = desk.file.fd if r == me else _Memfd(0, (seat.pid, seat.desk)).fd
 
     def mark(self, value: int) -> None:
         os.pwrite(self.desk.file.fd, np.int64(value).tobytes(), 0)
@@ -509,7 +510,7 @@ class Assembly:
     def handoff(self) -> tuple:
         """What a writer process of this node needs to write this rank's shares of the staged rows."""
         rows = self.slots
-        return (rows.owner, rows.owner_fd, rows.ino, rows.slot, self.schedule)
+        return (*rows.at, rows.ino, rows.slot, self.schedule)
 
     def run(
         self,
@@ -610,7 +611,7 @@ def _host_slots(me: int, host: int, seat: Seat, slot: int) -> Slots:
         return slots
     key = (seat.pid, seat.slots)
     if key not in _MATES:
-        _MATES[key] = Slots(slot, seat)
+        _MATES[key] = Slots(slot, key)
     return _MATES[key]
 
 
